@@ -1,0 +1,152 @@
+"""The `nmt-tie` command: one entry point, one subcommand per stage.
+
+Every subcommand reports problems with the user's input as one line on stderr and exit
+status 2 (see `nmt_tie.errors.UserError`); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from nmt_tie.errors import UserError
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="learn BPE, binarize train/valid/test, write data statistics",
+        description="Turn raw parallel text into a prepared data directory: SentencePiece BPE "
+        "model(s), vocabulary, binarized ids and stats.json. A split is the files PREFIX.SRC "
+        "and PREFIX.TGT, each optionally gzip-compressed (PREFIX.SRC.gz).",
+    )
+    p.add_argument("--src", required=True, help="source language code, e.g. en")
+    p.add_argument("--tgt", required=True, help="target language code, e.g. de")
+    p.add_argument("--train", required=True, metavar="PREFIX", help="training split prefix")
+    p.add_argument("--valid", required=True, metavar="PREFIX", help="validation split prefix")
+    p.add_argument("--test", nargs="*", default=[], metavar="PREFIX", help="test split prefixes")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    vocab = p.add_mutually_exclusive_group()
+    vocab.add_argument(
+        "--joint",
+        dest="joint",
+        action="store_true",
+        default=True,
+        help="one BPE model and vocabulary shared by both languages (default; "
+        "needed for tie: src-tgt and tie: all)",
+    )
+    vocab.add_argument(
+        "--separate", dest="joint", action="store_false", help="one BPE model per language"
+    )
+    p.add_argument("--vocab-size", type=int, default=8000, help="BPE vocabulary size (8000)")
+    p.add_argument(
+        "--moses",
+        action="store_true",
+        help="Moses punctuation normalization and tokenization before BPE (undone on output)",
+    )
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=250,
+        help="drop training pairs with a side longer than this many BPE pieces (250)",
+    )
+    p.add_argument(
+        "--max-ratio",
+        type=float,
+        default=9.0,
+        help="drop training pairs whose length ratio exceeds this (9; 0 = off)",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing DIR")
+    p.add_argument("--json", action="store_true", help="print stats.json instead of a table")
+    p.set_defaults(handler=_run_prepare)
+
+
+def _run_prepare(args) -> None:
+    from nmt_tie.data.prepare import PrepareOptions, format_stats, prepare
+
+    opts = PrepareOptions(
+        src=args.src,
+        tgt=args.tgt,
+        train=args.train,
+        valid=args.valid,
+        test=args.test,
+        out=args.out,
+        joint=args.joint,
+        vocab_size=args.vocab_size,
+        moses=args.moses,
+        max_len=args.max_len,
+        max_ratio=args.max_ratio,
+        force=args.force,
+    )
+    stats = prepare(opts, log=lambda msg: print(msg, file=sys.stderr))
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="fetch public corpora (needs the internet)")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{fetch,list}")
+    fetch = data_sub.add_parser(
+        "fetch",
+        help="download, verify and unpack a corpus from data/corpora.yaml",
+        description="Download a corpus listed in data/corpora.yaml, check its checksums, unpack "
+        "it and write DEST/NAME/SPLIT.LANG text files.",
+    )
+    fetch.add_argument("name", help="corpus name (see `nmt-tie data list`)")
+    fetch.add_argument("--dest", type=Path, default=Path("corpora"), help="target directory")
+    fetch.add_argument(
+        "--mirror", help="base URL of a mirror: https://host/path -> MIRROR/host/path"
+    )
+    fetch.add_argument("--manifest", type=Path, help="another manifest file")
+    fetch.set_defaults(handler=_run_fetch)
+    listing = data_sub.add_parser("list", help="list the corpora of the manifest")
+    listing.add_argument("--manifest", type=Path, help="another manifest file")
+    listing.set_defaults(handler=_run_data_list)
+
+
+def _run_fetch(args) -> None:
+    from nmt_tie.data.fetch import fetch
+
+    out = fetch(
+        args.name, args.dest, args.mirror, args.manifest, log=lambda m: print(m, file=sys.stderr)
+    )
+    print(out)
+
+
+def _run_data_list(args) -> None:
+    from nmt_tie.data.fetch import load_manifest
+
+    for name, entry in load_manifest(args.manifest).items():
+        description = " ".join(entry.get("description", "").split())
+        print(f"{name:<16} {'-'.join(entry['langs'])}  {description}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nmt-tie",
+        description="Neural machine translation with tied input and output embeddings.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in ADDERS:
+        add(sub)
+    return parser
+
+
+ADDERS = [_add_prepare, _add_data]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.handler(args)
+    except UserError as err:
+        print(f"nmt-tie {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"nmt-tie {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.stderr.close()  # e.g. `nmt-tie translate ... | head`
+        sys.exit(0)

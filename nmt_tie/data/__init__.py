@@ -1,0 +1,1 @@
+"""Data: reading text, tokenization (sacremoses + SentencePiece), preparation, batching."""

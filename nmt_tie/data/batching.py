@@ -1,0 +1,208 @@
+"""Binarized parallel data and token-bucket batching with a resumable iteration state.
+
+A batch holds at most `max_tokens` padded tokens, counting source and target:
+`len(batch) * (longest source + longest target) <= max_tokens`. Sentences are sorted by
+length (ties broken randomly by the seed) so that batches waste little padding; the order of
+the batches is shuffled per epoch from `(seed, epoch)`, so a restored iterator reproduces the
+exact same sequence of batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nmt_tie.data.prepare import PreparedData
+from nmt_tie.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from nmt_tie.errors import UserError
+
+
+@dataclass
+class Batch:
+    """Padded id tensors: source ends in EOS; target input starts with BOS, output ends in EOS."""
+
+    src: torch.Tensor  # (batch, src_len)
+    tgt_in: torch.Tensor  # (batch, tgt_len)
+    tgt_out: torch.Tensor  # (batch, tgt_len)
+    indices: np.ndarray  # positions of the sentences in their split
+
+    def __len__(self) -> int:
+        return self.src.size(0)
+
+    @property
+    def target_tokens(self) -> int:
+        return int((self.tgt_out != PAD_ID).sum())
+
+    def to(self, device: torch.device | str) -> Batch:
+        nb = torch.device(device).type == "cuda"
+        return Batch(
+            self.src.to(device, non_blocking=nb),
+            self.tgt_in.to(device, non_blocking=nb),
+            self.tgt_out.to(device, non_blocking=nb),
+            self.indices,
+        )
+
+
+def pad_sequences(
+    sequences: list[np.ndarray], prefix: int | None, suffix: int | None
+) -> torch.Tensor:
+    """Stack id sequences into a (batch, max_len) tensor, padding with PAD_ID."""
+    extra = (prefix is not None) + (suffix is not None)
+    width = max(len(s) for s in sequences) + extra
+    out = np.full((len(sequences), width), PAD_ID, dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        start = 0
+        if prefix is not None:
+            out[row, 0] = prefix
+            start = 1
+        out[row, start : start + len(seq)] = seq
+        if suffix is not None:
+            out[row, start + len(seq)] = suffix
+    return torch.from_numpy(out)
+
+
+class ParallelData:
+    """One split of a prepared directory, memory-mapped."""
+
+    def __init__(self, prepared: PreparedData, split: str):
+        self.split = split
+        self._src_ids, self._src_offsets = prepared.split_arrays(split, "src")
+        self._tgt_ids, self._tgt_offsets = prepared.split_arrays(split, "tgt")
+        # +1: the source gets EOS, the target gets BOS (input) or EOS (output).
+        self.src_lengths = np.diff(self._src_offsets) + 1
+        self.tgt_lengths = np.diff(self._tgt_offsets) + 1
+
+    def __len__(self) -> int:
+        return len(self.src_lengths)
+
+    def source(self, i: int) -> np.ndarray:
+        return self._src_ids[self._src_offsets[i] : self._src_offsets[i + 1]]
+
+    def target(self, i: int) -> np.ndarray:
+        return self._tgt_ids[self._tgt_offsets[i] : self._tgt_offsets[i + 1]]
+
+    def collate(self, indices: np.ndarray) -> Batch:
+        sources = [self.source(i) for i in indices]
+        targets = [self.target(i) for i in indices]
+        return Batch(
+            src=pad_sequences(sources, None, EOS_ID),
+            tgt_in=pad_sequences(targets, BOS_ID, None),
+            tgt_out=pad_sequences(targets, None, EOS_ID),
+            indices=np.asarray(indices),
+        )
+
+
+def token_buckets(
+    src_lengths: np.ndarray,
+    tgt_lengths: np.ndarray,
+    max_tokens: int,
+    order: np.ndarray,
+    max_sentences: int | None = None,
+) -> list[np.ndarray]:
+    """Cut `order` (already length-sorted) into batches of at most `max_tokens` padded tokens."""
+    longest = int((src_lengths + tgt_lengths).max()) if len(order) else 0
+    if longest > max_tokens:
+        raise UserError(
+            f"max_tokens={max_tokens} is smaller than the longest pair ({longest} source+target "
+            "tokens); raise max_tokens or re-run `nmt-tie prepare` with a smaller --max-len"
+        )
+    batches = []
+    start = 0
+    max_src = max_tgt = 0
+    limit = max_sentences or len(order)
+    for pos, idx in enumerate(order):
+        new_src = max(max_src, src_lengths[idx])
+        new_tgt = max(max_tgt, tgt_lengths[idx])
+        size = pos - start + 1
+        if size > limit or size * (new_src + new_tgt) > max_tokens:
+            batches.append(order[start:pos])
+            start = pos
+            new_src, new_tgt = src_lengths[idx], tgt_lengths[idx]
+        max_src, max_tgt = new_src, new_tgt
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
+
+class TokenBucketSampler:
+    """Yields batches of sentence indices, epoch after epoch, from a saveable position.
+
+    With several data-parallel workers (`num_shards`), every worker computes the same batch
+    list and takes every `num_shards`-th batch; the list is cut to a multiple of `num_shards`
+    so that all workers make the same number of steps.
+    """
+
+    def __init__(
+        self,
+        src_lengths: np.ndarray,
+        tgt_lengths: np.ndarray,
+        max_tokens: int,
+        seed: int = 1,
+        shuffle: bool = True,
+        num_shards: int = 1,
+        shard: int = 0,
+        max_sentences: int | None = None,
+    ):
+        self.src_lengths = np.asarray(src_lengths)
+        self.tgt_lengths = np.asarray(tgt_lengths)
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.shuffle = shuffle
+        self.num_shards = num_shards
+        self.shard = shard
+        self.max_sentences = max_sentences
+        self.epoch = 1
+        self.position = 0  # index of the next batch within this worker's share of the epoch
+        self._cache: tuple[int, list[np.ndarray]] | None = None
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """This worker's batches of one epoch, in the order they are yielded."""
+        if self._cache and self._cache[0] == epoch:
+            return self._cache[1]
+        n = len(self.src_lengths)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        # Stable sort by target then source length: the permutation breaks ties randomly.
+        order = order[np.lexsort((self.src_lengths[order], self.tgt_lengths[order]))]
+        batches = token_buckets(
+            self.src_lengths, self.tgt_lengths, self.max_tokens, order, self.max_sentences
+        )
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        usable = len(batches) - len(batches) % self.num_shards
+        if usable == 0:
+            raise UserError(
+                f"{len(batches)} batches cannot be shared by {self.num_shards} workers; "
+                "lower max_tokens or use fewer workers"
+            )
+        mine = batches[self.shard : usable : self.num_shards]
+        self._cache = (epoch, mine)
+        return mine
+
+    def __len__(self) -> int:
+        """Number of batches in the current epoch."""
+        return len(self.epoch_batches(self.epoch))
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """Yield the rest of the current epoch, then move the state to the next epoch."""
+        batches = self.epoch_batches(self.epoch)
+        while self.position < len(batches):
+            batch = batches[self.position]
+            self.position += 1
+            yield batch
+        self.epoch += 1
+        self.position = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise UserError(
+                f"the checkpoint's data order uses seed {state['seed']}, this run seed {self.seed}"
+            )
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])

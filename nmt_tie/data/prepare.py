@@ -1,0 +1,406 @@
+"""`nmt-tie prepare`: raw parallel text -> BPE model(s), vocabulary, binarized ids, stats.
+
+The prepared directory is written to a temporary sibling and renamed into place only when
+complete, so a failed or interrupted run never leaves a directory a later stage would take
+as valid. `prepare.json` (written last) records the options and input checksums; re-running
+with the same inputs is a no-op, with other inputs it is refused unless `--force`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+from nmt_tie.data.text import read_lines, read_parallel, split_file, text_writer
+from nmt_tie.data.tokenizer import MosesSteps, TextProcessor, train_sentencepiece
+from nmt_tie.errors import UserError
+from nmt_tie.progress import progress
+
+FORMAT_VERSION = 1
+ENCODE_CHUNK = 50_000
+
+
+@dataclass
+class PrepareOptions:
+    src: str
+    tgt: str
+    train: str
+    valid: str
+    out: Path
+    test: list[str] = field(default_factory=list)
+    joint: bool = True
+    vocab_size: int = 8000
+    moses: bool = False
+    max_len: int = 250
+    max_ratio: float = 9.0
+    force: bool = False
+    threads: int = max(1, os.cpu_count() or 1)
+
+    def splits(self) -> dict[str, str]:
+        """Split name -> file prefix. Test splits are named after their prefix's file name."""
+        named = {"train": self.train, "valid": self.valid}
+        for prefix in self.test:
+            name = Path(prefix).name
+            if name in named:
+                raise UserError(f"two splits would be called {name!r}: rename {prefix}")
+            named[name] = prefix
+        return named
+
+    def recorded(self) -> dict:
+        """The options that determine the output (not where it goes or whether to force)."""
+        keep = ("src", "tgt", "joint", "vocab_size", "moses", "max_len", "max_ratio")
+        return {key: value for key, value in asdict(self).items() if key in keep}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _moses_worker_init(lang: str) -> None:
+    global _WORKER_MOSES
+    _WORKER_MOSES = MosesSteps(lang)
+
+
+def _moses_worker(lines: list[str]) -> list[str]:
+    return [_WORKER_MOSES.tokenize(line) for line in lines]
+
+
+def _chunks(lines: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(lines), size):
+        yield lines[start : start + size]
+
+
+def pretokenize(lines: list[str], lang: str, threads: int) -> list[str]:
+    """Moses normalization + tokenization, in parallel worker processes for large inputs."""
+    if threads <= 1 or len(lines) < 20_000:
+        steps = MosesSteps(lang)
+        return [steps.tokenize(line) for line in lines]
+    with Pool(threads, initializer=_moses_worker_init, initargs=(lang,)) as pool:
+        return [tok for chunk in pool.imap(_moses_worker, _chunks(lines, 2000)) for tok in chunk]
+
+
+def _write_ids(out_dir: Path, split: str, lang: str, sentences: list[np.ndarray], vocab_size: int):
+    dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+    lengths = np.array([len(s) for s in sentences], dtype=np.int64)
+    offsets = np.zeros(len(sentences) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate(sentences).astype(dtype) if sentences else np.zeros(0, dtype)
+    np.save(out_dir / f"{split}.{lang}.ids.npy", flat)
+    np.save(out_dir / f"{split}.{lang}.offsets.npy", offsets)
+
+
+class _SplitReader:
+    """Reads one split's pairs, drops empty lines (counted), keeps the raw text."""
+
+    def __init__(self, name: str, prefix: str, opts: PrepareOptions):
+        self.name = name
+        self.src_path = split_file(prefix, opts.src)
+        self.tgt_path = split_file(prefix, opts.tgt)
+        self.read = 0
+        self.dropped = {"empty": 0, "too_long": 0, "ratio": 0}
+        self.src_raw: list[str] = []
+        self.tgt_raw: list[str] = []
+        pairs = read_parallel(self.src_path, self.tgt_path)
+        for _, src, tgt in progress(pairs, desc=f"read {name}", unit="lines"):
+            self.read += 1
+            if not src.strip() or not tgt.strip():
+                self.dropped["empty"] += 1
+                continue
+            self.src_raw.append(src)
+            self.tgt_raw.append(tgt)
+        if not self.src_raw:
+            raise UserError(
+                f"{name} split is empty: no non-empty line pairs in {self.src_path} and "
+                f"{self.tgt_path}"
+            )
+
+
+def prepare(opts: PrepareOptions, log=print) -> dict:
+    """Run the whole data stage; return the statistics written to stats.json."""
+    started = time.perf_counter()
+    if opts.src == opts.tgt:
+        raise UserError(f"--src and --tgt are both {opts.src!r}; give two different languages")
+    if opts.vocab_size < 300:
+        raise UserError(f"--vocab-size {opts.vocab_size} is too small; use at least 300")
+    splits = opts.splits()
+    paths = {
+        name: {lang: split_file(prefix, lang) for lang in (opts.src, opts.tgt)}
+        for name, prefix in splits.items()
+    }
+    fingerprint = {
+        "format_version": FORMAT_VERSION,
+        "options": opts.recorded(),
+        "inputs": {
+            name: {lang: {"path": str(path), "sha256": sha256_of(path)} for lang, path in p.items()}
+            for name, p in paths.items()
+        },
+    }
+    out = Path(opts.out)
+    if out.exists():
+        recorded = out / "prepare.json"
+        if not opts.force:
+            if recorded.is_file() and _same_inputs(json.loads(recorded.read_text()), fingerprint):
+                log(f"{out} is already prepared from these inputs and options; nothing to do")
+                return json.loads((out / "stats.json").read_text())
+            why = (
+                "was prepared from other inputs or options"
+                if recorded.is_file()
+                else "exists and is not an nmt-tie prepared directory"
+            )
+            raise UserError(f"{out} {why}; choose another --out or pass --force to replace it")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        stats = _prepare_into(tmp, opts, splits, started, log)
+        stats["inputs"] = fingerprint["inputs"]
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        # prepare.json last: its presence marks a complete directory.
+        (tmp / "prepare.json").write_text(json.dumps(fingerprint, indent=2) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return stats
+
+
+def _same_inputs(recorded: dict, current: dict) -> bool:
+    def strip_paths(fp: dict) -> dict:
+        inputs = {
+            split: {lang: entry["sha256"] for lang, entry in langs.items()}
+            for split, langs in fp.get("inputs", {}).items()
+        }
+        return {**fp, "inputs": inputs}
+
+    return strip_paths(recorded) == strip_paths(current)
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, out)
+
+
+def _prepare_into(tmp: Path, opts: PrepareOptions, splits: dict, started: float, log) -> dict:
+    langs = (opts.src, opts.tgt)
+    readers = {name: _SplitReader(name, prefix, opts) for name, prefix in splits.items()}
+
+    # Moses pre-tokenization (or the raw text itself).
+    tokenized: dict[str, dict[str, list[str]]] = {}
+    for name, reader in readers.items():
+        raw = {opts.src: reader.src_raw, opts.tgt: reader.tgt_raw}
+        tokenized[name] = {
+            lang: pretokenize(raw[lang], lang, opts.threads) if opts.moses else raw[lang]
+            for lang in langs
+        }
+
+    # SentencePiece BPE: one joint model, or one per language.
+    train_text = tokenized["train"]
+    if opts.joint:
+        model = train_sentencepiece(
+            train_text[opts.src] + train_text[opts.tgt], opts.vocab_size, opts.threads
+        )
+        (tmp / "spm.model").write_bytes(model)
+        models = {lang: model for lang in langs}
+    else:
+        models = {}
+        for lang in langs:
+            models[lang] = train_sentencepiece(train_text[lang], opts.vocab_size, opts.threads)
+            (tmp / f"spm.{lang}.model").write_bytes(models[lang])
+    processors = {lang: TextProcessor(lang, models[lang], opts.moses) for lang in langs}
+    for vocab_file, lang in _vocab_files(opts.joint, langs).items():
+        (tmp / vocab_file).write_text("\n".join(processors[lang].vocab.pieces) + "\n")
+
+    split_stats = {}
+    piece_counts = {}
+    for name, reader in readers.items():
+        encoded = {
+            lang: [
+                np.asarray(ids)
+                for chunk in _chunks(tokenized[name][lang], ENCODE_CHUNK)
+                for ids in processors[lang].encode_pretokenized(chunk)
+            ]
+            for lang in langs
+        }
+        keep = np.ones(len(encoded[opts.src]), dtype=bool)
+        if name == "train":
+            keep = _length_filter(encoded[opts.src], encoded[opts.tgt], opts, reader.dropped)
+        kept_idx = np.flatnonzero(keep)
+        tokens = {}
+        for lang in langs:
+            sentences = [encoded[lang][i] for i in kept_idx]
+            _write_ids(tmp, name, lang, sentences, len(processors[lang].vocab))
+            tokens[lang] = int(sum(len(s) for s in sentences))
+            if name == "train":
+                flat = np.concatenate(sentences)
+                piece_counts[lang] = np.bincount(flat, minlength=len(processors[lang].vocab))
+        if name != "train":
+            # The raw text of kept lines: references for BLEU, input for validation translation.
+            raws = {opts.src: reader.src_raw, opts.tgt: reader.tgt_raw}
+            for lang in langs:
+                with text_writer(tmp / f"{name}.{lang}.txt") as handle:
+                    handle.writelines(raws[lang][i] + "\n" for i in kept_idx)
+        split_stats[name] = {
+            "files": {opts.src: str(reader.src_path), opts.tgt: str(reader.tgt_path)},
+            "read": reader.read,
+            "kept": int(len(kept_idx)),
+            "dropped": dict(reader.dropped),
+            "tokens": tokens,
+        }
+        if name == "train" and len(kept_idx) == 0:
+            raise UserError(
+                f"every training pair was dropped by --max-len {opts.max_len} / --max-ratio "
+                f"{opts.max_ratio} ({reader.dropped}); relax the filters"
+            )
+
+    overlap = vocabulary_overlap(
+        processors[opts.src].vocab.pieces,
+        piece_counts[opts.src],
+        processors[opts.tgt].vocab.pieces,
+        piece_counts[opts.tgt],
+    )
+    seconds = time.perf_counter() - started
+    total_read = sum(s["read"] for s in split_stats.values())
+    return {
+        "src_lang": opts.src,
+        "tgt_lang": opts.tgt,
+        "joint": opts.joint,
+        "moses": opts.moses,
+        "vocab_size": {lang: len(processors[lang].vocab) for lang in langs},
+        "max_len": opts.max_len,
+        "max_ratio": opts.max_ratio,
+        "splits": split_stats,
+        "vocabulary_overlap": overlap,
+        "seconds": round(seconds, 2),
+        "sentence_pairs_per_second": round(total_read / seconds, 1),
+    }
+
+
+def _vocab_files(joint: bool, langs: tuple[str, str]) -> dict[str, str]:
+    return {"vocab.txt": langs[0]} if joint else {f"vocab.{lang}.txt": lang for lang in langs}
+
+
+def _length_filter(src: list[np.ndarray], tgt: list[np.ndarray], opts, dropped: dict) -> np.ndarray:
+    src_len = np.array([len(s) for s in src])
+    tgt_len = np.array([len(t) for t in tgt])
+    too_long = (src_len > opts.max_len) | (tgt_len > opts.max_len)
+    ratio = np.maximum(src_len, tgt_len) / np.maximum(1, np.minimum(src_len, tgt_len))
+    bad_ratio = (
+        ~too_long & (ratio > opts.max_ratio) if opts.max_ratio > 0 else np.zeros_like(too_long)
+    )
+    dropped["too_long"] += int(too_long.sum())
+    dropped["ratio"] += int(bad_ratio.sum())
+    return ~(too_long | bad_ratio)
+
+
+def vocabulary_overlap(
+    src_pieces, src_counts: np.ndarray, tgt_pieces, tgt_counts: np.ndarray
+) -> dict[str, int]:
+    """The paper's Table 1: vocabulary pieces seen only in the source, only in the target, both.
+
+    Pieces are compared as strings, so this works for one joint or two separate vocabularies.
+    """
+    seen_src = {src_pieces[i] for i in np.flatnonzero(src_counts)}
+    seen_tgt = {tgt_pieces[i] for i in np.flatnonzero(tgt_counts)}
+    vocabulary = set(src_pieces) | set(tgt_pieces)
+    return {
+        "source_only": len(seen_src - seen_tgt),
+        "target_only": len(seen_tgt - seen_src),
+        "both": len(seen_src & seen_tgt),
+        "neither": len(vocabulary - seen_src - seen_tgt),
+        "vocabulary": len(vocabulary),
+    }
+
+
+def format_stats(stats: dict) -> str:
+    """A human-readable summary of stats.json."""
+    src, tgt = stats["src_lang"], stats["tgt_lang"]
+    lines = [
+        f"{src}-{tgt}, {'joint' if stats['joint'] else 'separate'} BPE vocabulary "
+        + ", ".join(f"{lang} {n}" for lang, n in stats["vocab_size"].items())
+        + (", Moses tokenization" if stats["moses"] else ""),
+        "",
+        f"{'split':<20}{'read':>9}{'kept':>9}{'empty':>7}{'long':>7}{'ratio':>7}"
+        f"{src + ' tokens':>12}{tgt + ' tokens':>12}",
+    ]
+    for name, split in stats["splits"].items():
+        dropped = split["dropped"]
+        lines.append(
+            f"{name:<20}{split['read']:>9}{split['kept']:>9}{dropped['empty']:>7}"
+            f"{dropped['too_long']:>7}{dropped['ratio']:>7}"
+            f"{split['tokens'][src]:>12}{split['tokens'][tgt]:>12}"
+        )
+    overlap = stats["vocabulary_overlap"]
+    lines += [
+        "",
+        f"vocabulary pieces seen in training data (paper's Table 1): only {src} "
+        f"{overlap['source_only']}, only {tgt} {overlap['target_only']}, both {overlap['both']}, "
+        f"neither {overlap['neither']} (of {overlap['vocabulary']})",
+        f"{stats['seconds']} s, {stats['sentence_pairs_per_second']} sentence pairs/s",
+    ]
+    return "\n".join(lines)
+
+
+class PreparedData:
+    """Read access to a directory written by `nmt-tie prepare`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        record = self.path / "prepare.json"
+        if not record.is_file():
+            hint = "" if self.path.exists() else " (it does not exist)"
+            raise UserError(
+                f"{self.path} is not a prepared data directory{hint}; run `nmt-tie prepare` first"
+            )
+        self.record = json.loads(record.read_text())
+        self.stats = json.loads((self.path / "stats.json").read_text())
+        options = self.record["options"]
+        self.src_lang: str = options["src"]
+        self.tgt_lang: str = options["tgt"]
+        self.joint: bool = options["joint"]
+        self.moses: bool = options["moses"]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.stats["splits"])
+
+    def spm_model(self, lang: str) -> bytes:
+        name = "spm.model" if self.joint else f"spm.{lang}.model"
+        return (self.path / name).read_bytes()
+
+    def processor(self, side: str) -> TextProcessor:
+        """The TextProcessor of the 'src' or 'tgt' side."""
+        lang = self.src_lang if side == "src" else self.tgt_lang
+        return TextProcessor(lang, self.spm_model(lang), self.moses)
+
+    def raw_text(self, split: str, side: str) -> list[str]:
+        lang = self.src_lang if side == "src" else self.tgt_lang
+        return list(read_lines(self.path / f"{split}.{lang}.txt"))
+
+    def split_arrays(self, split: str, side: str) -> tuple[np.ndarray, np.ndarray]:
+        """(flat ids, offsets) of one side of a split, memory-mapped."""
+        if split not in self.stats["splits"]:
+            raise UserError(f"{self.path} has no split {split!r}; it has {', '.join(self.splits)}")
+        lang = self.src_lang if side == "src" else self.tgt_lang
+        ids = np.load(self.path / f"{split}.{lang}.ids.npy", mmap_mode="r")
+        offsets = np.load(self.path / f"{split}.{lang}.offsets.npy")
+        return ids, offsets

@@ -1,0 +1,47 @@
+"""Shared fixtures: real corpora from ../shared/data (or NMT_TIE_DATA), small subsets of them."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from nmt_tie.data.locations import data_root
+from nmt_tie.data.text import read_lines
+
+
+@pytest.fixture(scope="session")
+def corpora() -> Path:
+    return data_root()
+
+
+@pytest.fixture(scope="session")
+def multi30k(corpora) -> Path:
+    return corpora / "multi30k"
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt", encoding="utf-8") as handle:
+        handle.writelines(line + "\n" for line in lines)
+    return path
+
+
+def subset(multi30k: Path, split: str, lang: str, n: int) -> list[str]:
+    lines = []
+    for line in read_lines(multi30k / f"{split}.{lang}.gz"):
+        lines.append(line)
+        if len(lines) == n:
+            break
+    return lines
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory, multi30k) -> Path:
+    """3000 training and 200 validation pairs of Multi30k En-De as plain files (prefix dir)."""
+    root = tmp_path_factory.mktemp("small_corpus")
+    for split, source_split, n in [("train", "train", 3000), ("valid", "val", 200)]:
+        for lang in ("en", "de"):
+            write_lines(root / f"{split}.{lang}", subset(multi30k, source_split, lang, n))
+    return root

@@ -1,0 +1,106 @@
+"""Token-bucket batching: the token bound, seeded shuffling, exact resume, sharding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nmt_tie.data.batching import ParallelData, TokenBucketSampler
+from nmt_tie.data.prepare import PreparedData, PrepareOptions, prepare
+from nmt_tie.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from nmt_tie.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory, small_corpus) -> ParallelData:
+    out = tmp_path_factory.mktemp("batching") / "prep"
+    prepare(
+        PrepareOptions(
+            src="en",
+            tgt="de",
+            train=str(small_corpus / "train"),
+            valid=str(small_corpus / "valid"),
+            out=out,
+            vocab_size=1000,
+        ),
+        log=lambda m: None,
+    )
+    return ParallelData(PreparedData(out), "train")
+
+
+def sampler(data: ParallelData, **kwargs) -> TokenBucketSampler:
+    return TokenBucketSampler(data.src_lengths, data.tgt_lengths, **{"max_tokens": 1000, **kwargs})
+
+
+def test_batches_never_exceed_max_tokens_and_cover_every_sentence_once(train_data):
+    for max_tokens in (200, 1000, 4096):
+        s = sampler(train_data, max_tokens=max_tokens)
+        batches = list(s)
+        seen = np.concatenate(batches)
+        assert sorted(seen.tolist()) == list(range(len(train_data)))
+        for indices in batches:
+            batch = train_data.collate(indices)
+            padded = batch.src.numel() + batch.tgt_in.numel()
+            assert padded <= max_tokens
+        # Length bucketing keeps padding low.
+        real = train_data.src_lengths.sum() + train_data.tgt_lengths.sum()
+        padded_total = sum(
+            len(b) * (train_data.src_lengths[b].max() + train_data.tgt_lengths[b].max())
+            for b in batches
+        )
+        assert real / padded_total > 0.8
+
+
+def test_collate_adds_bos_and_eos_and_pads(train_data):
+    batch = train_data.collate(np.array([0, 1, 2]))
+    for row, i in enumerate([0, 1, 2]):
+        src, tgt = train_data.source(i), train_data.target(i)
+        assert batch.src[row, : len(src)].tolist() == src.tolist()
+        assert batch.src[row, len(src)] == EOS_ID
+        assert (batch.src[row, len(src) + 1 :] == PAD_ID).all()
+        assert batch.tgt_in[row, 0] == BOS_ID
+        assert batch.tgt_in[row, 1 : len(tgt) + 1].tolist() == tgt.tolist()
+        assert batch.tgt_out[row, len(tgt)] == EOS_ID
+    assert batch.target_tokens == sum(len(train_data.target(i)) + 1 for i in range(3))
+
+
+def test_shuffling_is_deterministic_by_seed_and_differs_between_epochs(train_data):
+    a, b, c = sampler(train_data, seed=1), sampler(train_data, seed=1), sampler(train_data, seed=2)
+    epoch1 = [x.tolist() for x in a]
+    assert epoch1 == [x.tolist() for x in b]
+    assert epoch1 != [x.tolist() for x in c]
+    epoch2 = [x.tolist() for x in a]
+    assert epoch1 != epoch2 and a.epoch == 3
+
+
+def test_restoring_the_iterator_mid_epoch_resumes_at_the_next_batch(train_data):
+    reference = sampler(train_data, seed=7)
+    full = [x.tolist() for x in reference] + [x.tolist() for x in reference]
+    interrupted = sampler(train_data, seed=7)
+    consumed = []
+    for i, batch in enumerate(interrupted):
+        consumed.append(batch.tolist())
+        if i == 9:
+            break
+    state = interrupted.state_dict()
+    resumed = sampler(train_data, seed=7)
+    resumed.load_state_dict(state)
+    rest = [x.tolist() for x in resumed] + [x.tolist() for x in resumed]
+    assert consumed + rest == full
+    with pytest.raises(UserError, match="seed"):
+        sampler(train_data, seed=8).load_state_dict(state)
+
+
+def test_shards_split_an_epoch_evenly_and_disjointly(train_data):
+    whole = sampler(train_data, seed=3)
+    shards = [sampler(train_data, seed=3, num_shards=2, shard=r) for r in (0, 1)]
+    batches = [list(s) for s in shards]
+    assert len(batches[0]) == len(batches[1])
+    assert len(batches[0]) * 2 >= len(whole) - 1
+    union = [tuple(x) for x in batches[0] + batches[1]]
+    assert len(set(union)) == len(union)
+
+
+def test_a_sentence_longer_than_max_tokens_is_a_clear_error(train_data):
+    with pytest.raises(UserError, match="max_tokens=20 is smaller than the longest pair"):
+        list(sampler(train_data, max_tokens=20))
