@@ -122,6 +122,109 @@ def _run_data_list(args) -> None:
         print(f"{name:<16} {'-'.join(entry['langs'])}  {description}")
 
 
+def _add_params(sub) -> None:
+    p = sub.add_parser(
+        "params",
+        help="parameter counts by component, unique total, reduction from tying",
+        description="Count a model's parameters (each tensor once) by component, and the reduction "
+        "against its untied twin. TARGET is a checkpoint (.pt) or a config YAML (vocabulary sizes "
+        "from its `data`, or --data); without TARGET the model is described by the flags.",
+    )
+    p.add_argument("target", nargs="?", type=Path, help="checkpoint or config file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--data", help="prepared data directory (for a config)")
+    p.add_argument(
+        "--tie-modes", help="comma-separated tying modes to compare, e.g. none,decoder,all"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    flags = p.add_argument_group("model from flags (no TARGET)")
+    flags.add_argument("--arch", choices=["rnn", "transformer"], default="rnn")
+    flags.add_argument("--tie", default="all", help="tying mode when --tie-modes is not given")
+    flags.add_argument("--emb-dim", type=int, default=500)
+    flags.add_argument("--hidden-dim", type=int, default=1000, help="RNN state size")
+    flags.add_argument("--ffn-dim", type=int, default=2048, help="Transformer feed-forward size")
+    flags.add_argument(
+        "--layers", type=int, default=6, help="Transformer encoder and decoder layers"
+    )
+    flags.add_argument("--heads", type=int, default=8)
+    flags.add_argument("--projection-reg", type=float, default=0.0)
+    flags.add_argument("--src-vocab", type=int, help="source vocabulary size (separate BPE)")
+    flags.add_argument("--tgt-vocab", type=int, help="target vocabulary size (separate BPE)")
+    flags.add_argument("--joint-vocab", type=int, help="joint vocabulary size (shared BPE)")
+    p.set_defaults(handler=_run_params)
+
+
+def _run_params(args) -> None:
+    from nmt_tie import report
+
+    modes = args.tie_modes.split(",") if args.tie_modes else None
+    for mode in modes or []:
+        if mode not in report.TIE_MODES:
+            raise UserError(f"--tie-modes: {mode!r} is not one of {', '.join(report.TIE_MODES)}")
+    vocab = None
+    checkpoint = state_dict = None
+    if args.target is not None and args.target.suffix in (".pt", ".ckpt"):
+        from nmt_tie.checkpoint import load_checkpoint, model_config_of
+
+        payload = load_checkpoint(args.target)
+        config = model_config_of(payload)
+        checkpoint, state_dict = args.target, payload["model"]
+    elif args.target is not None:
+        from nmt_tie.config import load_config
+        from nmt_tie.data.prepare import PreparedData
+        from nmt_tie.model.seq2seq import configure_for_data
+
+        config, train_cfg = load_config(args.target, args.overrides)
+        data = args.data or train_cfg.data
+        if not data:
+            raise UserError(f"{args.target} has no `data` key; give --data DIR")
+        config = configure_for_data(config, PreparedData(data))
+    else:
+        from nmt_tie.config import ModelConfig
+
+        vocab = {"src": args.src_vocab, "tgt": args.tgt_vocab, "joint": args.joint_vocab}
+        if not (args.joint_vocab or (args.src_vocab and args.tgt_vocab)):
+            raise UserError("give --joint-vocab, or --src-vocab and --tgt-vocab (or a TARGET)")
+        for mode in modes or [args.tie]:
+            if mode in ("src-tgt", "all") and not args.joint_vocab:
+                raise UserError(f"tie {mode} needs one shared vocabulary: give --joint-vocab")
+        config = ModelConfig(
+            arch=args.arch,
+            tie=args.tie,
+            emb_dim=args.emb_dim,
+            hidden_dim=args.hidden_dim,
+            ffn_dim=args.ffn_dim,
+            enc_layers=args.layers,
+            dec_layers=args.layers,
+            heads=args.heads,
+            projection_reg=args.projection_reg,
+            dropout=0.0,
+        )
+        config = report.mode_config(config, args.tie, vocab)
+    if modes:
+        result = report.params_by_mode(config, modes, vocab)
+        print(json.dumps(result, indent=2) if args.json else report.format_modes(result))
+        return
+    model = report.meta_model(config)
+    untied = report.count_unique(report.meta_model(report.mode_config(config, "none", vocab)))
+    if args.json:
+        total = report.count_unique(model)
+        result = {
+            "arch": config.arch,
+            "tie": config.tie,
+            "params": total,
+            "untied_params": untied,
+            "reduction": round(1 - total / untied, 4),
+            "components": dict(report.breakdown(model)),
+            "roles": report.shared_roles(model),
+        }
+        if checkpoint is not None:
+            result["checkpoint_bytes"] = checkpoint.stat().st_size
+        print(json.dumps(result, indent=2))
+    else:
+        print(report.format_params(model, untied, checkpoint, state_dict))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nmt-tie",
@@ -133,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADDERS = [_add_prepare, _add_data]
+ADDERS = [_add_prepare, _add_data, _add_params]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,110 @@
+"""Self-contained checkpoints: config, SentencePiece models, weights, training state.
+
+Checkpoints hold only tensors, numbers, strings and bytes, so they load with
+`torch.load(weights_only=True)`: a checkpoint from a stranger cannot run code. They are
+written atomically (temporary file, fsync, rename), so a crash during a save leaves the
+previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import torch
+
+from nmt_tie.config import ModelConfig, to_dict
+from nmt_tie.data.tokenizer import TextProcessor
+from nmt_tie.errors import UserError
+
+FORMAT = "nmt-tie/1"
+
+
+def save_atomic(payload: dict, path: str | Path) -> None:
+    """torch.save to a temporary file in the same directory, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load and check an nmt-tie checkpoint, with a one-line error for every way it can fail."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{path}: truncated or corrupt checkpoint ({reason})") from None
+    except Exception as err:  # the weights-only unpickler refusing an object
+        if "weights_only" in str(err) or "Unsupported" in str(err):
+            raise UserError(
+                f"{path}: not a safe nmt-tie checkpoint (it contains code objects)"
+            ) from None
+        raise
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path}: not an nmt-tie checkpoint")
+    return payload
+
+
+def vocab_payload(src: TextProcessor, tgt: TextProcessor, joint: bool) -> dict:
+    """What `translate` needs to turn raw text into ids and back."""
+    return {
+        "src_lang": src.lang,
+        "tgt_lang": tgt.lang,
+        "moses": src.moses,
+        "joint": joint,
+        "spm_src": src.spm_model,
+        "spm_tgt": src.spm_model if joint else tgt.spm_model,  # one bytes object when joint
+    }
+
+
+def processors_from(vocab: dict) -> tuple[TextProcessor, TextProcessor]:
+    src = TextProcessor(vocab["src_lang"], vocab["spm_src"], vocab["moses"])
+    tgt = TextProcessor(vocab["tgt_lang"], vocab["spm_tgt"], vocab["moses"])
+    return src, tgt
+
+
+def model_payload(model: torch.nn.Module, model_cfg: ModelConfig, vocab: dict, **extra) -> dict:
+    """A checkpoint dict: the model's own state dict (each tied matrix once) plus metadata."""
+    return {
+        "format": FORMAT,
+        "model_config": to_dict(model_cfg),
+        "vocab": vocab,
+        "model": model.state_dict(),
+        **extra,
+    }
+
+
+def model_config_of(payload: dict) -> ModelConfig:
+    return ModelConfig(**payload["model_config"])
+
+
+def load_model(payload: dict, device: str | torch.device = "cpu"):
+    """Rebuild the model of a checkpoint dict (tying restored by construction)."""
+    from nmt_tie.model.seq2seq import build_model
+
+    config = model_config_of(payload)
+    model = build_model(config)
+    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    if missing or unexpected:
+        raise UserError(
+            "checkpoint weights do not fit its config "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return model.to(device)

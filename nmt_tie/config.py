@@ -1,0 +1,236 @@
+"""Configuration: a flat YAML file of documented keys, plus `key=value` overrides.
+
+Keys belong to `ModelConfig` (what the network is; stored in every checkpoint) or to
+`TrainConfig` (how it is trained). The recipe YAML files list every key with a comment.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nmt_tie.errors import UserError
+
+ARCHS = ("rnn", "transformer")
+TIE_MODES = ("none", "decoder", "src-tgt", "all")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "transformer"  # rnn | transformer
+    tie: str = "all"  # none | decoder | src-tgt | all (see nmt_tie/model/embeddings.py)
+    emb_dim: int = 512  # embedding size; the Transformer's model width
+    hidden_dim: int = 1024  # RNN: GRU state size (encoder annotations are twice this)
+    ffn_dim: int = 2048  # Transformer: feed-forward inner size
+    enc_layers: int = 6  # Transformer encoder layers (the RNN has one bidirectional layer)
+    dec_layers: int = 6  # Transformer decoder layers (the RNN has one conditional GRU)
+    heads: int = 8  # Transformer attention heads
+    norm: str = "pre"  # Transformer: pre | post layer normalization
+    dropout: float = 0.1  # Transformer: residual dropout; RNN: hidden-layer dropout
+    emb_dropout: float = 0.0  # dropout on input embeddings (the RNN's dropout_embedding)
+    attention_dropout: float = 0.0  # Transformer: dropout on attention weights
+    deep_output: bool = True  # RNN: deep output layer down to emb_dim (needed for tying)
+    scale_embeddings: bool | None = None  # multiply input embeddings by sqrt(emb_dim); None:
+    #                                       yes for the Transformer, no for the RNN
+    projection_reg: float = 0.0  # lambda of projection regularization; 0 = no projection P
+    src_vocab_size: int = 0  # filled in from the prepared data
+    tgt_vocab_size: int = 0  # filled in from the prepared data
+    shared_vocab: bool = False  # filled in: source and target vocabularies are identical
+
+    def validate(self) -> None:
+        """Errors that say what to change; never a silent untie."""
+        if self.arch not in ARCHS:
+            raise UserError(f"arch: {self.arch!r} is not one of {', '.join(ARCHS)}")
+        if self.tie not in TIE_MODES:
+            raise UserError(f"tie: {self.tie!r} is not one of {', '.join(TIE_MODES)}")
+        if self.norm not in ("pre", "post"):
+            raise UserError(f"norm: {self.norm!r} is not pre or post")
+        if self.src_vocab_size <= 0 or self.tgt_vocab_size <= 0:
+            raise UserError("the vocabulary sizes are unknown: give `data` (a prepared directory)")
+        if self.tie in ("src-tgt", "all") and not self.shared_vocab:
+            raise UserError(
+                f"tie: {self.tie} needs one vocabulary shared by source and target, but the data "
+                "has two different ones (their pieces differ, whatever their sizes); re-run "
+                "`nmt-tie prepare --joint`, or use `tie: decoder`"
+            )
+        if self.tie in ("decoder", "all") and self.output_dim != self.emb_dim:
+            raise UserError(
+                f"tie: {self.tie} needs an output layer of the embedding size (emb_dim "
+                f"{self.emb_dim}), but it has size {self.output_dim}; set deep_output: true, "
+                "or use tie: none or tie: src-tgt"
+            )
+        if self.arch == "transformer" and self.emb_dim % self.heads:
+            raise UserError(f"emb_dim {self.emb_dim} is not divisible by heads {self.heads}")
+        if self.projection_reg < 0:
+            raise UserError("projection_reg must be >= 0")
+
+    @property
+    def output_dim(self) -> int:
+        """Size of the vector the output embedding multiplies."""
+        if self.arch == "rnn" and not self.deep_output:
+            return self.hidden_dim
+        return self.emb_dim
+
+    @property
+    def embedding_scale(self) -> float:
+        scale = (
+            self.arch == "transformer" if self.scale_embeddings is None else self.scale_embeddings
+        )
+        return self.emb_dim**0.5 if scale else 1.0
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # prepared data directory (`nmt-tie prepare --out`)
+    save_dir: str = "runs/model"  # run directory: config, logs, checkpoints
+    seed: int = 1
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA only, with loss scaling)
+    threads: int = 0  # CPU threads for torch; 0 = all cores
+    compile: bool = False  # torch.compile the model
+    # batching
+    max_tokens: int = 4096  # padded source + target tokens per batch (per GPU)
+    max_sentences: int = 0  # optional cap on sentences per batch; 0 = none
+    update_freq: int = 1  # gradient accumulation: batches per update
+    # stopping
+    max_updates: int = 0  # 0 = no limit
+    max_epochs: int = 0  # 0 = no limit
+    max_time: float = 0.0  # wall-clock budget in minutes; 0 = no limit
+    patience: int = 0  # stop after this many validations without improvement; 0 = never
+    # optimization
+    optimizer: str = "adam"  # adam | adadelta | sgd
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # Adam
+    eps: float = 1e-8  # Adam; Adadelta uses 1e-6
+    rho: float = 0.95  # Adadelta
+    weight_decay: float = 0.0
+    schedule: str = "inverse_sqrt"  # inverse_sqrt | plateau | constant
+    warmup: int = 4000  # inverse_sqrt: linear warm-up updates
+    lr_decay: float = 0.5  # plateau: factor when validation does not improve
+    min_lr: float = 1e-6  # plateau: floor
+    clip_norm: float = 0.0  # gradient norm clipping; 0 = off
+    label_smoothing: float = 0.1
+    # validation and checkpoints
+    valid_every: int = 1000  # updates between validations (and checkpoints)
+    valid_metric: str = "bleu"  # bleu | chrf | loss (for best.pt and early stopping)
+    valid_beam: int = 1  # beam size for validation translation (1 = greedy)
+    valid_max_sentences: int = 0  # translate only the first N validation sentences; 0 = all
+    save_every: int = 0  # also keep checkpoint_UPDATES.pt every N updates; 0 = never
+    keep_last: int = 5  # how many of those to keep
+    log_every: int = 100  # updates between training log records
+
+
+CONFIG_CLASSES = (ModelConfig, TrainConfig)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or explain the problem."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                lowered = value.lower()
+                if lowered not in ("true", "false", "yes", "no", "1", "0"):
+                    raise ValueError
+                return lowered in ("true", "yes", "1")
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return str(value)
+        if origin is list:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            (item,) = typing.get_args(hint)
+            return [item(v) for v in value]
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise UserError(f"{key}: {value!r} is not a valid {getattr(hint, '__name__', hint)}")
+
+
+def closest_key(key: str) -> str:
+    names = [f.name for cls in CONFIG_CLASSES for f in fields(cls)]
+    match = difflib.get_close_matches(key, names, n=1, cutoff=0.0)
+    return match[0] if match else names[0]
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not key=value")
+        overrides[key.strip()] = value
+    return overrides
+
+
+def build_configs(
+    values: dict[str, Any], source: str = "config"
+) -> tuple[ModelConfig, TrainConfig]:
+    """Split flat key/values into the two configs, checking every key and value."""
+    model_types, train_types = _field_types(ModelConfig), _field_types(TrainConfig)
+    model_kwargs, train_kwargs = {}, {}
+    for key, value in values.items():
+        if key in model_types:
+            model_kwargs[key] = _coerce(key, value, model_types[key])
+        elif key in train_types:
+            train_kwargs[key] = _coerce(key, value, train_types[key])
+        else:
+            raise UserError(f"{source}: unknown key {key!r}; did you mean {closest_key(key)!r}?")
+    return ModelConfig(**model_kwargs), TrainConfig(**train_kwargs)
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] = ()
+) -> tuple[ModelConfig, TrainConfig]:
+    """Read a flat YAML config and apply `key=value` overrides (values parsed as YAML)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise UserError(f"{path}{where}: not valid YAML") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: expected key: value pairs")
+        values.update(loaded)
+    model_cfg, train_cfg = build_configs(values, str(path or "config"))
+    for key, raw in parse_overrides(list(overrides)).items():
+        parsed = yaml.safe_load(raw) if raw != "" else ""
+        values[key] = parsed
+    return build_configs(values, "override") if overrides else (model_cfg, train_cfg)
+
+
+def to_dict(config: ModelConfig | TrainConfig) -> dict:
+    return asdict(config)
+
+
+def dump_configs(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
+    """The resolved configuration as flat YAML (what `train` writes into the run directory)."""
+    return yaml.safe_dump({**asdict(model_cfg), **asdict(train_cfg)}, sort_keys=False)

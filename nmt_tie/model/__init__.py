@@ -1,0 +1,1 @@
+"""Models: the tying module, the attention RNN, the Transformer, and the builder."""

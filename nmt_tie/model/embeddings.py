@@ -1,0 +1,113 @@
+"""The one place where vocabulary matrices are created and tied.
+
+A model has three vocabulary-sized roles:
+
+| tie       | encoder input | decoder input | decoder output | needs                          |
+| --------- | ------------- | ------------- | -------------- | ------------------------------ |
+| none      | source        | target        | output         | -                              |
+| decoder   | source        | target        | target         | output layer of embedding size |
+| src-tgt   | shared        | shared        | output         | one shared vocabulary          |
+| all       | shared        | shared        | shared         | both                           |
+
+`TiedEmbeddings` creates one `nn.Parameter` per distinct matrix and hands it to every role
+that uses it. Tied roles therefore share one tensor: one gradient (the sum of the roles'
+gradients), one optimizer state, one entry in the state dict and on disk. No architecture
+creates vocabulary matrices of its own, and nothing re-assigns weights after construction.
+
+Output logits are `h @ W.T + b` with a separate bias `b`. With projection regularization
+(Press & Wolf 2017, section 3) a learned square matrix P comes first: `(h @ P) @ W.T + b`,
+and the loss gets `projection_reg * ||P||_F^2`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nmt_tie.data.tokenizer import PAD_ID
+
+ROLES = ("encoder_input", "decoder_input", "output")
+
+MATRIX_OF_ROLE: dict[str, dict[str, str]] = {
+    "none": {"encoder_input": "source", "decoder_input": "target", "output": "output"},
+    "decoder": {"encoder_input": "source", "decoder_input": "target", "output": "target"},
+    "src-tgt": {"encoder_input": "shared", "decoder_input": "shared", "output": "output"},
+    "all": {"encoder_input": "shared", "decoder_input": "shared", "output": "shared"},
+}
+
+
+class TiedEmbeddings(nn.Module):
+    """Owns every vocabulary matrix of a model and says which role uses which.
+
+    Args:
+        tie: one of MATRIX_OF_ROLE's keys.
+        src_vocab, tgt_vocab: vocabulary sizes (equal when a matrix serves both languages).
+        dim: embedding size.
+        output_dim: size of the vectors the output embedding multiplies; must equal `dim`
+            when the output matrix is tied to an input one (checked by ModelConfig).
+        input_scale: factor on looked-up input embeddings (sqrt(dim) for the Transformer).
+        init_std: standard deviation of the normal initialization of the matrices.
+        projection: add the square projection P before the output embedding.
+    """
+
+    def __init__(
+        self,
+        tie: str,
+        src_vocab: int,
+        tgt_vocab: int,
+        dim: int,
+        output_dim: int | None = None,
+        input_scale: float = 1.0,
+        init_std: float = 0.01,
+        projection: bool = False,
+    ):
+        super().__init__()
+        self.tie = tie
+        self.roles = MATRIX_OF_ROLE[tie]
+        self.input_scale = input_scale
+        output_dim = output_dim or dim
+        vocab_of_role = {
+            "encoder_input": src_vocab,
+            "decoder_input": tgt_vocab,
+            "output": tgt_vocab,
+        }
+        dim_of_role = {"encoder_input": dim, "decoder_input": dim, "output": output_dim}
+        self.matrices = nn.ParameterDict()
+        for role in ROLES:
+            name = self.roles[role]
+            if name in self.matrices:
+                if self.matrices[name].shape != (vocab_of_role[role], dim_of_role[role]):
+                    raise ValueError(f"tie {tie}: {role} needs a different matrix shape")
+                continue
+            weight = torch.empty(vocab_of_role[role], dim_of_role[role])
+            nn.init.normal_(weight, std=init_std)
+            with torch.no_grad():
+                weight[PAD_ID].zero_()
+            self.matrices[name] = nn.Parameter(weight)
+        self.output_bias = nn.Parameter(torch.zeros(tgt_vocab))
+        self.projection = nn.Parameter(torch.eye(output_dim)) if projection else None
+
+    def weight(self, role: str) -> nn.Parameter:
+        """The matrix serving `role` (tied roles get the very same Parameter object)."""
+        return self.matrices[self.roles[role]]
+
+    def roles_of(self, matrix: str) -> list[str]:
+        return [role for role in ROLES if self.roles[role] == matrix]
+
+    def embed(self, role: str, ids: torch.Tensor) -> torch.Tensor:
+        """Look up input embeddings (`role` is encoder_input or decoder_input)."""
+        vectors = F.embedding(ids, self.weight(role), padding_idx=PAD_ID)
+        return vectors * self.input_scale if self.input_scale != 1.0 else vectors
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Unnormalized scores over the target vocabulary: (h P) W_out^T + b."""
+        if self.projection is not None:
+            hidden = hidden @ self.projection
+        return F.linear(hidden, self.weight("output"), self.output_bias)
+
+    def projection_penalty(self) -> torch.Tensor | None:
+        """||P||_F^2, or None without projection regularization."""
+        if self.projection is None:
+            return None
+        return self.projection.float().pow(2).sum()

@@ -1,0 +1,139 @@
+"""The paper's NMT model: a DL4MT/Nematus attention GRU encoder-decoder, layer for layer.
+
+    encoder   bidirectional GRU over source embeddings -> annotations of size 2H
+    init      s0 = tanh(W_init * mean of the annotations)
+    decoder   conditional GRU: GRU1 on the previous target embedding, MLP (Bahdanau)
+              attention over the annotations with its query from GRU1, GRU2 on the context
+    output    deep output t = tanh(W1 s + W2 E[y_prev] + W3 c) of size E, then the output
+              embedding (V x E) and its own bias, both owned by TiedEmbeddings
+
+Parameters follow Nematus so that sizes match Press & Wolf (2017), Table 8: every GRU has
+input weights with a bias (W, Wx; b, bx) and recurrent weights without (U, Ux), and the
+attention is W_comb_att (H x 2H), Wc_att (2H x 2H, bias b_att) and U_att (2H x 1, bias c_tt).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nmt_tie.model.dropout import dropout
+
+EncoderOut = dict[str, torch.Tensor]
+
+
+class NematusGRU(nn.Module):
+    """A GRU whose input projection (W, Wx with b, bx) is applied outside the time loop."""
+
+    def __init__(self, input_dim: int, hidden_dim: int):
+        super().__init__()
+        self.input_proj = nn.Linear(input_dim, 3 * hidden_dim)  # [W | Wx], [b | bx]
+        self.recurrent = nn.Linear(hidden_dim, 3 * hidden_dim, bias=False)  # [U | Ux]
+        nn.init.xavier_uniform_(self.input_proj.weight)
+        nn.init.zeros_(self.input_proj.bias)
+        for gate in self.recurrent.weight.data.chunk(3, dim=0):
+            nn.init.orthogonal_(gate)
+
+    def cell(self, projected_input: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """One step from the projected input (batch, 3H) and the previous state (batch, H)."""
+        r_x, z_x, n_x = projected_input.chunk(3, dim=-1)
+        r_h, z_h, n_h = self.recurrent(state).chunk(3, dim=-1)
+        reset = torch.sigmoid(r_x + r_h)
+        update = torch.sigmoid(z_x + z_h)
+        candidate = torch.tanh(n_x + reset * n_h)
+        return candidate + update * (state - candidate)  # u*h + (1-u)*candidate
+
+
+class BiGRUEncoder(nn.Module):
+    def __init__(self, emb_dim: int, hidden_dim: int, emb_dropout: float, dropout: float):
+        super().__init__()
+        self.forward_gru = NematusGRU(emb_dim, hidden_dim)
+        self.backward_gru = NematusGRU(emb_dim, hidden_dim)
+        self.emb_dropout = emb_dropout
+        self.dropout = dropout
+
+    def forward(self, emb: torch.Tensor, mask: torch.Tensor) -> EncoderOut:
+        """emb (batch, src_len, E), mask (batch, src_len) True for real tokens."""
+        emb = dropout(emb, self.emb_dropout, self.training)
+        fwd_in = self.forward_gru.input_proj(emb)
+        bwd_in = self.backward_gru.input_proj(emb)
+        keep = mask.unsqueeze(-1).to(fwd_in.dtype)
+        batch, length = mask.shape
+        fwd = bwd = fwd_in.new_zeros(batch, self.forward_gru.recurrent.in_features)
+        fwd_states, bwd_states = [], []
+        for t in range(length):
+            # Padding leaves a state unchanged, so the backward GRU starts at each
+            # sentence's last real token with a zero state.
+            b = length - 1 - t
+            fwd = fwd + keep[:, t] * (self.forward_gru.cell(fwd_in[:, t], fwd) - fwd)
+            bwd = bwd + keep[:, b] * (self.backward_gru.cell(bwd_in[:, b], bwd) - bwd)
+            fwd_states.append(fwd)
+            bwd_states.append(bwd)
+        memory = torch.cat([torch.stack(fwd_states, 1), torch.stack(bwd_states[::-1], 1)], -1)
+        return {"memory": dropout(memory, self.dropout, self.training), "mask": mask}
+
+
+class ConditionalGRUDecoder(nn.Module):
+    def __init__(
+        self, emb_dim: int, hidden_dim: int, emb_dropout: float, dropout: float, deep_output: bool
+    ):
+        super().__init__()
+        context_dim = 2 * hidden_dim
+        self.init_state = nn.Linear(context_dim, hidden_dim)  # ff_state
+        self.gru1 = NematusGRU(emb_dim, hidden_dim)
+        self.att_query = nn.Linear(hidden_dim, context_dim, bias=False)  # W_comb_att
+        self.att_keys = nn.Linear(context_dim, context_dim)  # Wc_att, b_att
+        self.att_score = nn.Linear(context_dim, 1)  # U_att, c_tt
+        self.gru2 = NematusGRU(context_dim, hidden_dim)  # Wc, Wcx; U_nl, Ux_nl; b_nl, bx_nl
+        self.deep_output = deep_output
+        if deep_output:
+            self.out_state = nn.Linear(hidden_dim, emb_dim)  # ff_logit_lstm
+            self.out_prev = nn.Linear(emb_dim, emb_dim)  # ff_logit_prev
+            self.out_context = nn.Linear(context_dim, emb_dim)  # ff_logit_ctx
+        self.emb_dropout = emb_dropout
+        self.dropout = dropout
+
+    def prepare(self, enc: EncoderOut) -> EncoderOut:
+        """Add what every step reuses: the projected attention keys and the initial state."""
+        memory, mask = enc["memory"], enc["mask"]
+        keep = mask.unsqueeze(-1).to(memory.dtype)
+        mean = (memory * keep).sum(1) / keep.sum(1).clamp(min=1)
+        return {**enc, "keys": self.att_keys(memory), "init": torch.tanh(self.init_state(mean))}
+
+    def attend(self, query_state: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
+        """MLP attention: context (batch, 2H) for the GRU1 state (batch, H)."""
+        energy = torch.tanh(enc["keys"] + self.att_query(query_state).unsqueeze(1))
+        scores = self.att_score(energy).squeeze(-1).float()
+        scores = scores.masked_fill(~enc["mask"], float("-inf"))
+        weights = torch.softmax(scores, dim=-1).to(enc["memory"].dtype)
+        return torch.bmm(weights.unsqueeze(1), enc["memory"]).squeeze(1)
+
+    def output(self, state: torch.Tensor, prev_emb: torch.Tensor, context: torch.Tensor):
+        if self.deep_output:
+            hidden = self.out_state(state) + self.out_prev(prev_emb) + self.out_context(context)
+            state = torch.tanh(hidden)
+        return dropout(state, self.dropout, self.training)
+
+    def _advance(self, gru1_input, state, enc):
+        h1 = self.gru1.cell(gru1_input, state)
+        context = self.attend(h1, enc)
+        h2 = self.gru2.cell(self.gru2.input_proj(context), h1)
+        return h2, context
+
+    def forward(self, emb: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
+        """Teacher forcing: emb (batch, tgt_len, E) -> output vectors (batch, tgt_len, E)."""
+        emb = dropout(emb, self.emb_dropout, self.training)
+        gru1_inputs = self.gru1.input_proj(emb)  # all steps in one matrix product
+        state = enc["init"]
+        states, contexts = [], []
+        for t in range(emb.size(1)):
+            state, context = self._advance(gru1_inputs[:, t], state, enc)
+            states.append(state)
+            contexts.append(context)
+        return self.output(torch.stack(states, 1), emb, torch.stack(contexts, 1))
+
+    def step(self, emb: torch.Tensor, enc: EncoderOut, cache: dict | None):
+        """One incremental step: emb (batch, E) of the previous token -> (batch, E)."""
+        state = enc["init"] if cache is None else cache["state"]
+        state, context = self._advance(self.gru1.input_proj(emb), state, enc)
+        return self.output(state, emb, context), {"state": state}

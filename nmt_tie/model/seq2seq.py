@@ -1,0 +1,125 @@
+"""The encoder-decoder every architecture plugs into, and the model builder.
+
+    logits = embeddings.logits(decoder(embed(target prefix), prepare(encoder(embed(source)))))
+
+The vocabulary matrices (and their tying) belong to `TiedEmbeddings`; encoders and decoders
+only ever see vectors. Three entry points: `forward` (teacher forcing, training), `encode`
+then `decode_step` (incremental generation), and `reorder` (beam search).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from nmt_tie.config import ModelConfig
+from nmt_tie.data.tokenizer import PAD_ID
+from nmt_tie.model.embeddings import TiedEmbeddings
+from nmt_tie.model.rnn import BiGRUEncoder, ConditionalGRUDecoder
+from nmt_tie.model.transformer import TransformerDecoder, TransformerEncoder
+
+
+class EncoderDecoder(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        embeddings: TiedEmbeddings,
+        encoder: nn.Module,
+        decoder: nn.Module,
+    ):
+        super().__init__()
+        self.config = config
+        self.embeddings = embeddings
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def encode(self, src: torch.Tensor) -> dict[str, torch.Tensor]:
+        """src (batch, src_len) ids -> everything the decoder needs, batch first."""
+        mask = src != PAD_ID
+        enc = self.encoder(self.embeddings.embed("encoder_input", src), mask)
+        return self.decoder.prepare(enc)
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: logits (batch, tgt_len, vocab) for every target position."""
+        enc = self.encode(src)
+        hidden = self.decoder(self.embeddings.embed("decoder_input", tgt_in), enc)
+        return self.embeddings.logits(hidden)
+
+    def decode_step(self, enc: dict, prev_tokens: torch.Tensor, cache: dict | None):
+        """Logits (batch, vocab) for the next token after `prev_tokens` (batch,), and the cache."""
+        hidden, cache = self.decoder.step(
+            self.embeddings.embed("decoder_input", prev_tokens), enc, cache
+        )
+        return self.embeddings.logits(hidden), cache
+
+    @staticmethod
+    def reorder(tree: Any, index: torch.Tensor) -> Any:
+        """Select batch rows `index` in every tensor of an encoder output or decoder cache."""
+        if isinstance(tree, torch.Tensor):
+            return tree.index_select(0, index)
+        if isinstance(tree, dict):
+            return {key: EncoderDecoder.reorder(value, index) for key, value in tree.items()}
+        if isinstance(tree, list):
+            return [EncoderDecoder.reorder(value, index) for value in tree]
+        return tree
+
+    def projection_penalty(self) -> torch.Tensor | None:
+        return self.embeddings.projection_penalty()
+
+
+def build_model(config: ModelConfig) -> EncoderDecoder:
+    """The model a config describes, with its tying in place from construction on."""
+    config.validate()
+    transformer = config.arch == "transformer"
+    embeddings = TiedEmbeddings(
+        tie=config.tie,
+        src_vocab=config.src_vocab_size,
+        tgt_vocab=config.tgt_vocab_size,
+        dim=config.emb_dim,
+        output_dim=config.output_dim,
+        input_scale=config.embedding_scale,
+        init_std=config.emb_dim**-0.5,  # unit-norm rows: the output logits start near 0
+        projection=config.projection_reg > 0,
+    )
+    if transformer:
+        pre_norm = config.norm == "pre"
+        layer_args = (
+            config.heads,
+            config.ffn_dim,
+            config.dropout,
+            config.attention_dropout,
+            pre_norm,
+        )
+        encoder = TransformerEncoder(config.emb_dim, config.enc_layers, *layer_args)
+        decoder = TransformerDecoder(config.emb_dim, config.dec_layers, *layer_args)
+    else:
+        encoder = BiGRUEncoder(
+            config.emb_dim, config.hidden_dim, config.emb_dropout, config.dropout
+        )
+        decoder = ConditionalGRUDecoder(
+            config.emb_dim,
+            config.hidden_dim,
+            config.emb_dropout,
+            config.dropout,
+            config.deep_output,
+        )
+    return EncoderDecoder(config, embeddings, encoder, decoder)
+
+
+def configure_for_data(config: ModelConfig, prepared) -> ModelConfig:
+    """Fill in the vocabulary sizes from a prepared directory.
+
+    The vocabularies count as shared only when their pieces are identical, in order: two
+    different vocabularies of equal size must never share a matrix by index.
+    """
+    src_vocab = prepared.processor("src").vocab
+    tgt_vocab = prepared.processor("tgt").vocab
+    return dataclasses.replace(
+        config,
+        src_vocab_size=len(src_vocab),
+        tgt_vocab_size=len(tgt_vocab),
+        shared_vocab=src_vocab == tgt_vocab,
+    )

@@ -1,0 +1,211 @@
+"""A Transformer encoder-decoder (Vaswani et al., 2017) with incremental decoding.
+
+Pre-norm by default (post-norm as an option), sinusoidal positions, input embeddings scaled
+by sqrt(d_model) (done by TiedEmbeddings). The decoder caches the keys and values of its
+self-attention step by step, and the cross-attention keys and values are computed once per
+source sentence (`prepare`), so generating a token costs one position, not the whole prefix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nmt_tie.model.dropout import dropout
+
+EncoderOut = dict[str, torch.Tensor]
+
+
+def sinusoidal_positions(length: int, dim: int, offset: int = 0, device=None) -> torch.Tensor:
+    """(length, dim) sinusoids [sin | cos] for positions offset .. offset + length - 1."""
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, device=device) * -(math.log(10000.0) / max(1, half - 1)))
+    pos = torch.arange(offset, offset + length, device=device, dtype=torch.float32)
+    angles = pos[:, None] * freq[None, :]
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return F.pad(table, (0, dim - 2 * half))
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    batch, length, dim = x.shape
+    return x.view(batch, length, heads, dim // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    batch, heads, length, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, attention_dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.attention_dropout = attention_dropout
+
+    def forward(self, x, key_mask=None, causal=False, cache: dict | None = None):
+        """x (batch, len, dim); key_mask (batch, 1, 1, len) True = attend.
+
+        With `cache`, x holds the newest position only; its keys and values are appended
+        to the cache and the query attends to all of them.
+        """
+        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        if cache is not None:
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        p = self.attention_dropout if self.training else 0.0
+        attended = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_mask, dropout_p=p, is_causal=causal
+        )
+        return self.out(_merge_heads(attended))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, attention_dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.attention_dropout = attention_dropout
+
+    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv(memory).chunk(2, dim=-1)
+        return _split_heads(k, self.heads), _split_heads(v, self.heads)
+
+    def forward(self, x, k, v, key_mask):
+        q = _split_heads(self.q(x), self.heads)
+        p = self.attention_dropout if self.training else 0.0
+        return self.out(
+            _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p))
+        )
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.up = nn.Linear(dim, ffn_dim)
+        self.down = nn.Linear(ffn_dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(dropout(F.relu(self.up(x)), self.dropout, self.training))
+
+
+class Residual(nn.Module):
+    """x + dropout(f(norm(x))) when pre-norm, norm(x + dropout(f(x))) when post-norm."""
+
+    def __init__(self, dim: int, pre_norm: bool, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.pre_norm = pre_norm
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, sublayer) -> torch.Tensor:
+        if self.pre_norm:
+            return x + dropout(sublayer(self.norm(x)), self.dropout, self.training)
+        return self.norm(x + dropout(sublayer(x), self.dropout, self.training))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, dim, heads, ffn_dim, dropout, attention_dropout, pre_norm):
+        super().__init__()
+        self.self_attn = SelfAttention(dim, heads, attention_dropout)
+        self.ffn = FeedForward(dim, ffn_dim, dropout)
+        self.attn_block = Residual(dim, pre_norm, dropout)
+        self.ffn_block = Residual(dim, pre_norm, dropout)
+
+    def forward(self, x, key_mask):
+        x = self.attn_block(x, lambda h: self.self_attn(h, key_mask=key_mask))
+        return self.ffn_block(x, self.ffn)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, dim, heads, ffn_dim, dropout, attention_dropout, pre_norm):
+        super().__init__()
+        self.self_attn = SelfAttention(dim, heads, attention_dropout)
+        self.cross_attn = CrossAttention(dim, heads, attention_dropout)
+        self.ffn = FeedForward(dim, ffn_dim, dropout)
+        self.self_block = Residual(dim, pre_norm, dropout)
+        self.cross_block = Residual(dim, pre_norm, dropout)
+        self.ffn_block = Residual(dim, pre_norm, dropout)
+
+    def forward(self, x, k, v, key_mask, cache=None):
+        x = self.self_block(x, lambda h: self.self_attn(h, causal=cache is None, cache=cache))
+        x = self.cross_block(x, lambda h: self.cross_attn(h, k, v, key_mask))
+        return self.ffn_block(x, self.ffn)
+
+
+def _init_linear_layers(module: nn.Module) -> None:
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.xavier_uniform_(sub.weight)
+            nn.init.zeros_(sub.bias)
+
+
+class TransformerEncoder(nn.Module):
+    def __init__(self, dim, layers, heads, ffn_dim, dropout, attention_dropout, pre_norm):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            EncoderLayer(dim, heads, ffn_dim, dropout, attention_dropout, pre_norm)
+            for _ in range(layers)
+        )
+        self.final_norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
+        self.dropout = dropout
+        _init_linear_layers(self)
+
+    def forward(self, emb: torch.Tensor, mask: torch.Tensor) -> EncoderOut:
+        positions = sinusoidal_positions(emb.size(1), emb.size(2), device=emb.device)
+        x = dropout(emb + positions.to(emb.dtype), self.dropout, self.training)
+        key_mask = mask[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, key_mask)
+        return {"memory": self.final_norm(x), "mask": mask}
+
+
+class TransformerDecoder(nn.Module):
+    def __init__(self, dim, layers, heads, ffn_dim, dropout, attention_dropout, pre_norm):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            DecoderLayer(dim, heads, ffn_dim, dropout, attention_dropout, pre_norm)
+            for _ in range(layers)
+        )
+        self.final_norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
+        self.dropout = dropout
+        _init_linear_layers(self)
+
+    def prepare(self, enc: EncoderOut) -> EncoderOut:
+        """Cross-attention keys and values of every layer, computed once per source."""
+        prepared = dict(enc)
+        for i, layer in enumerate(self.layers):
+            prepared[f"k{i}"], prepared[f"v{i}"] = layer.cross_attn.keys_values(enc["memory"])
+        return prepared
+
+    def _run(self, x, enc, caches):
+        key_mask = enc["mask"][:, None, None, :]
+        for i, layer in enumerate(self.layers):
+            cache = caches[i] if caches is not None else None
+            x = layer(x, enc[f"k{i}"], enc[f"v{i}"], key_mask, cache)
+        return self.final_norm(x)
+
+    def forward(self, emb: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
+        """Teacher forcing: emb (batch, tgt_len, dim) -> (batch, tgt_len, dim)."""
+        positions = sinusoidal_positions(emb.size(1), emb.size(2), device=emb.device)
+        x = dropout(emb + positions.to(emb.dtype), self.dropout, self.training)
+        return self._run(x, enc, None)
+
+    def step(self, emb: torch.Tensor, enc: EncoderOut, cache: dict | None):
+        """One incremental step: emb (batch, dim) of the previous token -> (batch, dim)."""
+        if cache is None:
+            cache = {"position": 0, "layers": [{} for _ in self.layers]}
+        position = sinusoidal_positions(1, emb.size(-1), cache["position"], device=emb.device)
+        x = (emb + position.to(emb.dtype)).unsqueeze(1)
+        out = self._run(x, enc, cache["layers"])
+        cache["position"] += 1
+        return out.squeeze(1), cache

@@ -1,0 +1,315 @@
+"""Models and tying: identity, gradients, incremental decoding, errors, exact sizes, learning."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nmt_tie.checkpoint import load_checkpoint, load_model, model_payload, save_atomic
+from nmt_tie.cli import main
+from nmt_tie.config import ModelConfig
+from nmt_tie.errors import UserError
+from nmt_tie.model.embeddings import MATRIX_OF_ROLE, ROLES
+from nmt_tie.model.seq2seq import build_model
+from nmt_tie.report import count_unique
+
+MODES = ("none", "decoder", "src-tgt", "all")
+ARCHS = ("rnn", "transformer")
+
+
+def tiny_config(arch: str, tie: str = "all", vocab: int = 50, **kwargs) -> ModelConfig:
+    base = dict(
+        arch=arch,
+        tie=tie,
+        emb_dim=32,
+        hidden_dim=24,
+        ffn_dim=64,
+        enc_layers=2,
+        dec_layers=2,
+        heads=4,
+        dropout=0.0,
+        src_vocab_size=vocab,
+        tgt_vocab_size=vocab,
+        shared_vocab=True,
+    )
+    return ModelConfig(**{**base, **kwargs})
+
+
+def source_batch(vocab: int = 50) -> torch.Tensor:
+    torch.manual_seed(0)
+    src = torch.randint(4, vocab, (3, 7))
+    src[0, 5:] = 0  # padding
+    src[1, 3:] = 0
+    return src
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("tie", MODES)
+def test_tied_roles_are_one_parameter_before_and_after_save_load(arch, tie, tmp_path):
+    model = build_model(tiny_config(arch, tie))
+    emb = model.embeddings
+    for a in ROLES:
+        for b in ROLES:
+            tied = MATRIX_OF_ROLE[tie][a] == MATRIX_OF_ROLE[tie][b]
+            assert (emb.weight(a) is emb.weight(b)) == tied
+    # Each matrix once in the state dict and in parameters().
+    names = [n for n in model.state_dict() if n.startswith("embeddings.matrices.")]
+    assert len(names) == len(set(MATRIX_OF_ROLE[tie].values()))
+    save_atomic(model_payload(model, model.config, vocab={}), tmp_path / "m.pt")
+    loaded = load_model(load_checkpoint(tmp_path / "m.pt"))
+    for a in ROLES:
+        for b in ROLES:
+            tied = MATRIX_OF_ROLE[tie][a] == MATRIX_OF_ROLE[tie][b]
+            assert (loaded.embeddings.weight(a) is loaded.embeddings.weight(b)) == tied
+    for (name, p), (_, q) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert torch.equal(p, q), name
+    # The optimizer sees each tensor once, so a tied matrix has one optimizer state.
+    opt = torch.optim.Adam(loaded.parameters())
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(loaded.parameters()))
+    assert len({id(p) for p in loaded.parameters()}) == len(list(loaded.parameters()))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tied_gradient_is_the_sum_of_the_untied_role_gradients(arch):
+    torch.manual_seed(1)
+    tied = build_model(tiny_config(arch, "all"))
+    untied = build_model(tiny_config(arch, "none"))
+    untied.encoder.load_state_dict(tied.encoder.state_dict())
+    untied.decoder.load_state_dict(tied.decoder.state_dict())
+    with torch.no_grad():
+        for role in ROLES:
+            untied.embeddings.weight(role).copy_(tied.embeddings.weight("output"))
+        untied.embeddings.output_bias.copy_(tied.embeddings.output_bias)
+    src = source_batch()
+    tgt = torch.randint(4, 50, (3, 6))
+    for model in (tied, untied):
+        logits = model(src, tgt)
+        F.cross_entropy(logits.flatten(0, 1), tgt.roll(-1, 1).flatten()).backward()
+    role_sum = sum(untied.embeddings.weight(role).grad for role in ROLES)
+    torch.testing.assert_close(
+        tied.embeddings.weight("output").grad, role_sum, rtol=1e-5, atol=1e-7
+    )
+    # And the roles really contribute: each untied role gradient is non-zero.
+    assert all(untied.embeddings.weight(r).grad.abs().sum() > 0 for r in ROLES)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_incremental_decoding_equals_the_full_forward_pass(arch, norm):
+    if arch == "rnn" and norm == "post":
+        pytest.skip("norm applies to the Transformer only")
+    torch.manual_seed(2)
+    model = build_model(tiny_config(arch, "all", norm=norm, projection_reg=0.1)).eval()
+    src = source_batch()
+    tgt = torch.randint(4, 50, (3, 9))
+    with torch.no_grad():
+        full = model(src, tgt)
+        enc = model.encode(src)
+        cache, steps = None, []
+        for t in range(tgt.size(1)):
+            logits, cache = model.decode_step(enc, tgt[:, t], cache)
+            steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, 1), full, rtol=0, atol=1e-5)
+
+
+def test_source_padding_does_not_change_the_result():
+    torch.manual_seed(3)
+    for arch in ARCHS:
+        model = build_model(tiny_config(arch)).eval()
+        src = torch.tensor([[5, 6, 7, 3]])
+        padded = torch.tensor([[5, 6, 7, 3, 0, 0, 0]])
+        tgt = torch.tensor([[2, 9, 10]])
+        with torch.no_grad():
+            torch.testing.assert_close(model(src, tgt), model(padded, tgt), atol=1e-5, rtol=0)
+
+
+def test_tying_errors_say_what_to_change():
+    with pytest.raises(UserError, match=r"re-run `nmt-tie prepare --joint`.*tie: decoder"):
+        build_model(tiny_config("transformer", "all", shared_vocab=False))
+    with pytest.raises(UserError, match="tie: src-tgt needs one vocabulary"):
+        build_model(tiny_config("rnn", "src-tgt", shared_vocab=False))
+    with pytest.raises(UserError, match="deep_output: true"):
+        build_model(tiny_config("rnn", "decoder", deep_output=False))
+    # Without tying of the output, the same model is fine (output layer of hidden size).
+    model = build_model(tiny_config("rnn", "src-tgt", deep_output=False))
+    assert model.embeddings.weight("output").shape == (50, 24)
+    with pytest.raises(UserError, match="tie: 'both' is not one of"):
+        build_model(tiny_config("rnn", "both"))
+
+
+def test_equal_sized_separate_vocabularies_never_tie(tmp_path, small_corpus):
+    from nmt_tie.data.prepare import PreparedData, PrepareOptions, prepare
+    from nmt_tie.model.seq2seq import configure_for_data
+
+    out = tmp_path / "separate"
+    prepare(
+        PrepareOptions(src="en", tgt="de", train=str(small_corpus / "train"),
+                       valid=str(small_corpus / "valid"), out=out, vocab_size=600, joint=False),
+        log=lambda m: None,
+    )  # fmt: skip
+    config = configure_for_data(tiny_config("transformer", "all"), PreparedData(out))
+    assert config.src_vocab_size == config.tgt_vocab_size == 600 and not config.shared_vocab
+    with pytest.raises(UserError, match="pieces differ"):
+        build_model(config)
+    assert build_model(dataclasses.replace(config, tie="decoder")).embeddings.tie == "decoder"
+
+
+def test_projection_regularization_only_when_set():
+    plain = build_model(tiny_config("rnn", "all"))
+    assert plain.embeddings.projection is None and plain.projection_penalty() is None
+    assert not any("projection" in n for n, _ in plain.named_parameters())
+    model = build_model(tiny_config("rnn", "all", projection_reg=0.15))
+    P = model.embeddings.projection
+    assert P.shape == (32, 32)
+    with torch.no_grad():
+        P.copy_(torch.randn(32, 32))
+    torch.testing.assert_close(model.projection_penalty(), (P**2).sum())
+    h = torch.randn(5, 32)
+    expected = (h @ P) @ model.embeddings.weight("output").T + model.embeddings.output_bias
+    torch.testing.assert_close(model.embeddings.logits(h), expected)
+    assert count_unique(model) == count_unique(plain) + 32 * 32
+
+
+def test_exact_parameter_counts_computed_by_hand():
+    V, E, H = 50, 32, 24
+    gru = lambda i: 3 * H * (i + H + 1)  # input weights + bias, recurrent weights  # noqa: E731
+    encoder = 2 * gru(E)
+    decoder = (
+        (2 * H * H + H)  # init state from the mean annotation
+        + gru(E)  # GRU1
+        + H * 2 * H  # W_comb_att
+        + (2 * H * 2 * H + 2 * H)  # Wc_att, b_att
+        + (2 * H + 1)  # U_att, c_tt
+        + gru(2 * H)  # GRU2 on the 2H context
+        + (H * E + E)
+        + (E * E + E)
+        + (2 * H * E + E)  # deep output
+    )
+    for tie, matrices in (("none", 3), ("decoder", 2), ("src-tgt", 2), ("all", 1)):
+        model = build_model(tiny_config("rnn", tie))
+        assert count_unique(model.encoder) == encoder
+        assert count_unique(model.decoder) == decoder
+        assert count_unique(model) == matrices * V * E + V + encoder + decoder
+    d, f, L = 32, 64, 2
+    attn = 4 * (d * d + d)
+    ffn = d * f + f + f * d + d
+    norm = 2 * d
+    enc_layer = attn + ffn + 2 * norm
+    dec_layer = 2 * attn + ffn + 3 * norm
+    model = build_model(tiny_config("transformer", "all"))
+    assert count_unique(model.encoder) == L * enc_layer + norm
+    assert count_unique(model.decoder) == L * dec_layer + norm
+    assert count_unique(model) == V * d + V + L * (enc_layer + dec_layer) + 2 * norm
+
+
+@pytest.mark.parametrize(
+    "vocab, expected",
+    [(("87000", "92000"), (168e6, 122e6, 80e6)), (("83000", "91000"), (165e6, 119e6, 79e6))],
+)
+def test_paper_sizes_from_flags_within_one_percent(capsys, vocab, expected):
+    main(["params", "--arch", "rnn", "--emb-dim", "500", "--hidden-dim", "1000",
+          "--src-vocab", vocab[0], "--tgt-vocab", vocab[1], "--joint-vocab", "94000",
+          "--tie-modes", "none,decoder,all", "--json"])  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    for mode, paper in zip(("none", "decoder", "all"), expected, strict=True):
+        assert abs(result[mode]["params"] - paper) / paper < 0.01, (mode, result[mode])
+    assert result["none"]["reduction"] == 0.0
+    assert 0.5 < result["all"]["reduction"] < 0.54
+
+
+def test_three_way_tied_checkpoint_is_about_half_the_untied_one(tmp_path):
+    sizes = {}
+    for tie in ("none", "all"):
+        model = build_model(tiny_config("rnn", tie, vocab=4000, emb_dim=64, hidden_dim=16))
+        save_atomic(model_payload(model, model.config, vocab={}), tmp_path / f"{tie}.pt")
+        sizes[tie] = (tmp_path / f"{tie}.pt").stat().st_size
+        assert abs(sizes[tie] - 4 * count_unique(model)) / sizes[tie] < 0.02
+    assert 0.3 < sizes["all"] / sizes["none"] < 0.4  # 1 of 3 matrices, plus the rest
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this ran code",))
+
+
+def test_checkpoints_from_strangers_cannot_run_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "nmt-tie/1", "payload": _Evil()}, path)
+    with pytest.raises(UserError, match="not a safe nmt-tie checkpoint"):
+        load_checkpoint(path)
+
+
+def test_missing_and_truncated_checkpoints(tmp_path):
+    with pytest.raises(UserError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    model = build_model(tiny_config("rnn"))
+    save_atomic(model_payload(model, model.config, vocab={}), tmp_path / "m.pt")
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="not an nmt-tie checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_ddp_wrapping_keeps_one_tied_parameter(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        model = build_model(tiny_config("transformer", "all"))
+        wrapped = DistributedDataParallel(model)
+        inner = wrapped.module.embeddings
+        assert inner.weight("encoder_input") is inner.weight("output")
+        logits = wrapped(source_batch(), torch.randint(4, 50, (3, 5)))
+        logits.sum().backward()
+        assert inner.weight("output").grad is not None
+        assert len(list(wrapped.parameters())) == len(list(model.parameters()))
+    finally:
+        dist.destroy_process_group()
+
+
+def copy_task_batch(vocab: int, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lengths = torch.randint(3, 7, (batch,))
+    src = torch.zeros(batch, 7, dtype=torch.long)
+    tgt_in = torch.zeros(batch, 8, dtype=torch.long)
+    tgt_out = torch.zeros(batch, 8, dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        seq = torch.randint(4, vocab, (n,))
+        src[i, :n], src[i, n] = seq, 3
+        tgt_in[i, 0], tgt_in[i, 1 : n + 1] = 2, seq
+        tgt_out[i, :n], tgt_out[i, n] = seq, 3
+    return src, tgt_in, tgt_out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("tie", MODES)
+def test_each_architecture_and_tying_mode_learns_to_copy(arch, tie):
+    torch.manual_seed(4)
+    vocab = 16
+    config = tiny_config(
+        arch, tie, vocab=vocab, emb_dim=64, hidden_dim=64, ffn_dim=128, enc_layers=1, dec_layers=1
+    )
+    model = build_model(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        src, tgt_in, tgt_out = copy_task_batch(vocab)
+        loss = F.cross_entropy(model(src, tgt_in).flatten(0, 1), tgt_out.flatten(), ignore_index=0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    src, tgt_in, tgt_out = copy_task_batch(vocab, 256)
+    with torch.no_grad():
+        loss = F.cross_entropy(model(src, tgt_in).flatten(0, 1), tgt_out.flatten(), ignore_index=0)
+    assert loss < 0.2, f"{arch}/{tie}: copy loss {loss:.3f}"
