@@ -53,9 +53,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise UserError(f"{path}: truncated or corrupt checkpoint ({reason})") from None
     except Exception as err:  # the weights-only unpickler refusing an object
         if "weights_only" in str(err) or "Unsupported" in str(err):
-            raise UserError(
-                f"{path}: not a safe nmt-tie checkpoint (it contains code objects)"
-            ) from None
+            raise UserError(f"{path}: not a safe nmt-tie checkpoint (it contains code objects)") from None
         raise
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path}: not an nmt-tie checkpoint")
@@ -104,7 +102,33 @@ def load_model(payload: dict, device: str | torch.device = "cpu"):
     missing, unexpected = model.load_state_dict(payload["model"], strict=False)
     if missing or unexpected:
         raise UserError(
-            "checkpoint weights do not fit its config "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            f"checkpoint weights do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     return model.to(device)
+
+
+def average_checkpoints(paths: list[Path]) -> dict:
+    """Parameter-wise mean of checkpoints of one model (tied matrices stay one tensor).
+
+    Training state (optimizer, data position) is dropped: the result is for translation.
+    """
+    if not paths:
+        raise UserError("no checkpoints to average")
+    first = load_checkpoint(paths[0])
+    total = {name: tensor.double() for name, tensor in first["model"].items()}
+    for path in paths[1:]:
+        payload = load_checkpoint(path)
+        if payload["model_config"] != first["model_config"]:
+            raise UserError(f"{path} has another model config than {paths[0]}; cannot average")
+        if payload.get("vocab") != first.get("vocab"):
+            raise UserError(f"{path} has another vocabulary than {paths[0]}; cannot average")
+        for name, tensor in payload["model"].items():
+            total[name] += tensor.double()
+    averaged = {name: (tensor / len(paths)).to(first["model"][name].dtype) for name, tensor in total.items()}
+    return {
+        "format": FORMAT,
+        "model_config": first["model_config"],
+        "vocab": first.get("vocab"),
+        "model": averaged,
+        "averaged_from": [str(p) for p in paths],
+    }

@@ -37,9 +37,7 @@ def _add_prepare(sub) -> None:
         help="one BPE model and vocabulary shared by both languages (default; "
         "needed for tie: src-tgt and tie: all)",
     )
-    vocab.add_argument(
-        "--separate", dest="joint", action="store_false", help="one BPE model per language"
-    )
+    vocab.add_argument("--separate", dest="joint", action="store_false", help="one BPE model per language")
     p.add_argument("--vocab-size", type=int, default=8000, help="BPE vocabulary size (8000)")
     p.add_argument(
         "--moses",
@@ -95,9 +93,7 @@ def _add_data(sub) -> None:
     )
     fetch.add_argument("name", help="corpus name (see `nmt-tie data list`)")
     fetch.add_argument("--dest", type=Path, default=Path("corpora"), help="target directory")
-    fetch.add_argument(
-        "--mirror", help="base URL of a mirror: https://host/path -> MIRROR/host/path"
-    )
+    fetch.add_argument("--mirror", help="base URL of a mirror: https://host/path -> MIRROR/host/path")
     fetch.add_argument("--manifest", type=Path, help="another manifest file")
     fetch.set_defaults(handler=_run_fetch)
     listing = data_sub.add_parser("list", help="list the corpora of the manifest")
@@ -108,9 +104,7 @@ def _add_data(sub) -> None:
 def _run_fetch(args) -> None:
     from nmt_tie.data.fetch import fetch
 
-    out = fetch(
-        args.name, args.dest, args.mirror, args.manifest, log=lambda m: print(m, file=sys.stderr)
-    )
+    out = fetch(args.name, args.dest, args.mirror, args.manifest, log=lambda m: print(m, file=sys.stderr))
     print(out)
 
 
@@ -133,9 +127,7 @@ def _add_params(sub) -> None:
     p.add_argument("target", nargs="?", type=Path, help="checkpoint or config file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--data", help="prepared data directory (for a config)")
-    p.add_argument(
-        "--tie-modes", help="comma-separated tying modes to compare, e.g. none,decoder,all"
-    )
+    p.add_argument("--tie-modes", help="comma-separated tying modes to compare, e.g. none,decoder,all")
     p.add_argument("--json", action="store_true", help="print JSON")
     flags = p.add_argument_group("model from flags (no TARGET)")
     flags.add_argument("--arch", choices=["rnn", "transformer"], default="rnn")
@@ -143,9 +135,7 @@ def _add_params(sub) -> None:
     flags.add_argument("--emb-dim", type=int, default=500)
     flags.add_argument("--hidden-dim", type=int, default=1000, help="RNN state size")
     flags.add_argument("--ffn-dim", type=int, default=2048, help="Transformer feed-forward size")
-    flags.add_argument(
-        "--layers", type=int, default=6, help="Transformer encoder and decoder layers"
-    )
+    flags.add_argument("--layers", type=int, default=6, help="Transformer encoder and decoder layers")
     flags.add_argument("--heads", type=int, default=8)
     flags.add_argument("--projection-reg", type=float, default=0.0)
     flags.add_argument("--src-vocab", type=int, help="source vocabulary size (separate BPE)")
@@ -225,6 +215,109 @@ def _run_params(args) -> None:
         print(report.format_params(model, untied, checkpoint, state_dict))
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a translation model (resumes when the run directory has last.pt)",
+        description="Train from a YAML config plus key=value overrides (e.g. tie=all "
+        "max_updates=2000). Re-running the same command after an interruption resumes from "
+        "SAVE_DIR/last.pt. Several GPUs or nodes: torchrun --nproc_per_node N -m nmt_tie train ...",
+    )
+    p.add_argument("config", type=Path, help="YAML config (see recipes/*/ for documented examples)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys")
+    p.set_defaults(handler=_run_train)
+
+
+def _run_train(args) -> None:
+    from nmt_tie.config import load_config
+    from nmt_tie.training.trainer import Trainer
+    from nmt_tie.training.translation import TranslationTask
+
+    model_cfg, train_cfg = load_config(args.config, args.overrides)
+    Trainer(TranslationTask, model_cfg, train_cfg).run()
+
+
+def _add_translate(sub) -> None:
+    p = sub.add_parser(
+        "translate",
+        help="translate raw text with one checkpoint or an ensemble",
+        description="Translate raw text (stdin or -i) into detokenized text (stdout or -o), one "
+        "output line per input line. Several -c make an ensemble (their log-probabilities are "
+        "averaged); they must share a vocabulary.",
+    )
+    p.add_argument(
+        "-c",
+        "--checkpoint",
+        action="append",
+        required=True,
+        type=Path,
+        help="checkpoint (repeatable)",
+    )
+    p.add_argument("-i", "--input", help="input file (default: stdin; .gz accepted)")
+    p.add_argument("-o", "--output", help="output file (default: stdout)")
+    p.add_argument("--beam", type=int, default=5, help="beam size; 1 = greedy (default 5)")
+    p.add_argument("--lenpen", type=float, default=0.6, help="GNMT length penalty alpha (0.6)")
+    p.add_argument("--max-len-a", type=float, default=1.5, help="output length limit a * source + b")
+    p.add_argument("--max-len-b", type=int, default=10)
+    p.add_argument("--nbest", type=int, default=1, help="print the K best: line number, score, text")
+    p.add_argument("--max-tokens", type=int, default=4096, help="source tokens per batch")
+    p.add_argument("--max-src-len", type=int, default=256, help="truncate longer inputs (subwords)")
+    p.add_argument("--buffer-lines", type=int, default=1000, help="lines read before translating")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.set_defaults(handler=_run_translate)
+
+
+def _run_translate(args) -> None:
+    from nmt_tie.translate import SearchOptions, Translator, resolve_device, translate_stream
+
+    if args.beam < 1 or args.nbest < 1 or args.nbest > args.beam:
+        raise UserError("need 1 <= --nbest <= --beam")
+    options = SearchOptions(
+        beam=args.beam, lenpen=args.lenpen, max_len_a=args.max_len_a, max_len_b=args.max_len_b,
+        nbest=args.nbest, max_tokens=args.max_tokens, max_src_len=args.max_src_len,
+    )  # fmt: skip
+    translator = Translator.from_checkpoints(
+        args.checkpoint, options, resolve_device(args.device), args.dtype
+    )
+    translate_stream(translator, args.input, args.output, args.buffer_lines)
+
+
+def _add_score(sub) -> None:
+    p = sub.add_parser("score", help="BLEU and chrF with sacrebleu (and its signature)")
+    p.add_argument("hypotheses", type=Path)
+    p.add_argument("references", type=Path)
+    p.add_argument("--metrics", default="bleu,chrf", help="comma-separated: bleu, chrf")
+    p.add_argument("--tokenize", help="sacrebleu BLEU tokenizer (default 13a)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_run_score)
+
+
+def _run_score(args) -> None:
+    from nmt_tie.evaluate import score_files
+
+    results = score_files(args.hypotheses, args.references, args.metrics.split(","), args.tokenize)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for entry in results.values():
+            print(f"{entry['text']}  ({entry['signature']})")
+
+
+def _add_average(sub) -> None:
+    p = sub.add_parser("average", help="average the weights of several checkpoints")
+    p.add_argument("checkpoints", nargs="+", type=Path)
+    p.add_argument("-o", "--output", required=True, type=Path)
+    p.set_defaults(handler=_run_average)
+
+
+def _run_average(args) -> None:
+    from nmt_tie.checkpoint import average_checkpoints, save_atomic
+
+    save_atomic(average_checkpoints(args.checkpoints), args.output)
+    print(f"averaged {len(args.checkpoints)} checkpoints into {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nmt-tie",
@@ -236,7 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADDERS = [_add_prepare, _add_data, _add_params]
+ADDERS = [
+    _add_prepare,
+    _add_data,
+    _add_train,
+    _add_translate,
+    _add_score,
+    _add_average,
+    _add_params,
+]
 
 
 def main(argv: list[str] | None = None) -> None:

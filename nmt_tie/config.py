@@ -78,9 +78,7 @@ class ModelConfig:
 
     @property
     def embedding_scale(self) -> float:
-        scale = (
-            self.arch == "transformer" if self.scale_embeddings is None else self.scale_embeddings
-        )
+        scale = self.arch == "transformer" if self.scale_embeddings is None else self.scale_embeddings
         return self.emb_dim**0.5 if scale else 1.0
 
 
@@ -109,7 +107,7 @@ class TrainConfig:
     eps: float = 1e-8  # Adam; Adadelta uses 1e-6
     rho: float = 0.95  # Adadelta
     weight_decay: float = 0.0
-    schedule: str = "inverse_sqrt"  # inverse_sqrt | plateau | constant
+    schedule: str = "inverse_sqrt"  # inverse_sqrt | plateau | constant | epoch_decay
     warmup: int = 4000  # inverse_sqrt: linear warm-up updates
     lr_decay: float = 0.5  # plateau: factor when validation does not improve
     min_lr: float = 1e-6  # plateau: floor
@@ -186,9 +184,7 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return overrides
 
 
-def build_configs(
-    values: dict[str, Any], source: str = "config"
-) -> tuple[ModelConfig, TrainConfig]:
+def build_configs(values: dict[str, Any], source: str = "config") -> tuple[ModelConfig, TrainConfig]:
     """Split flat key/values into the two configs, checking every key and value."""
     model_types, train_types = _field_types(ModelConfig), _field_types(TrainConfig)
     model_kwargs, train_kwargs = {}, {}
@@ -202,9 +198,7 @@ def build_configs(
     return ModelConfig(**model_kwargs), TrainConfig(**train_kwargs)
 
 
-def load_config(
-    path: str | Path | None, overrides: list[str] = ()
-) -> tuple[ModelConfig, TrainConfig]:
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[ModelConfig, TrainConfig]:
     """Read a flat YAML config and apply `key=value` overrides (values parsed as YAML)."""
     values: dict[str, Any] = {}
     if path is not None:

@@ -11,13 +11,9 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 
 
-def progress(
-    items: Iterable[T], desc: str, total: int | None = None, unit: str = "it"
-) -> Iterator[T]:
+def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
     """Wrap an iterable in a tqdm bar on stderr, disabled when stderr is not a TTY."""
-    return iter(
-        tqdm(items, desc=desc, total=total, unit=unit, disable=not sys.stderr.isatty(), leave=False)
-    )
+    return iter(tqdm(items, desc=desc, total=total, unit=unit, disable=not sys.stderr.isatty(), leave=False))
 
 
 def progress_bar(desc: str, total: int | None = None, unit: str = "it", initial: int = 0) -> tqdm:

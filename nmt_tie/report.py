@@ -47,10 +47,7 @@ def breakdown(model: EncoderDecoder) -> list[tuple[str, int]]:
     }
     for name, matrix in embeddings.matrices.items():
         roles = tuple(embeddings.roles_of(name))
-        label = (
-            labels.get(roles)
-            or "shared embedding (" + " = ".join(ROLE_NAMES[r] for r in roles) + ")"
-        )
+        label = labels.get(roles) or "shared embedding (" + " = ".join(ROLE_NAMES[r] for r in roles) + ")"
         rows.append((label, matrix.numel()))
     rows.append(("output bias", embeddings.output_bias.numel()))
     if embeddings.projection is not None:
@@ -64,8 +61,7 @@ def shared_roles(model: EncoderDecoder) -> list[str]:
     """Lines like 'embeddings.matrices.shared: encoder input, decoder input, output'."""
     embeddings = model.embeddings
     return [
-        f"embeddings.matrices.{name}: "
-        + ", ".join(ROLE_NAMES[r] for r in embeddings.roles_of(name))
+        f"embeddings.matrices.{name}: " + ", ".join(ROLE_NAMES[r] for r in embeddings.roles_of(name))
         for name in embeddings.matrices
     ]
 
@@ -89,15 +85,11 @@ def mode_config(config: ModelConfig, tie: str, vocab: dict[str, int] | None = No
         if tie in ("src-tgt", "all") or not separate:
             changes.update(src_vocab_size=joint, tgt_vocab_size=joint, shared_vocab=True)
         else:
-            changes.update(
-                src_vocab_size=vocab["src"], tgt_vocab_size=vocab["tgt"], shared_vocab=False
-            )
+            changes.update(src_vocab_size=vocab["src"], tgt_vocab_size=vocab["tgt"], shared_vocab=False)
     return dataclasses.replace(config, **changes)
 
 
-def params_by_mode(
-    config: ModelConfig, modes: list[str], vocab: dict[str, int] | None = None
-) -> dict:
+def params_by_mode(config: ModelConfig, modes: list[str], vocab: dict[str, int] | None = None) -> dict:
     """{mode: {"params": N, "reduction": fraction saved against tie: none}}."""
     untied = count_unique(meta_model(mode_config(config, "none", vocab)))
     result = {}
@@ -107,9 +99,7 @@ def params_by_mode(
     return result
 
 
-def format_params(
-    model: EncoderDecoder, untied: int, checkpoint: Path | None = None, state_dict=None
-) -> str:
+def format_params(model: EncoderDecoder, untied: int, checkpoint: Path | None = None, state_dict=None) -> str:
     config = model.config
     total = count_unique(model)
     lines = [

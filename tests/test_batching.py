@@ -45,8 +45,7 @@ def test_batches_never_exceed_max_tokens_and_cover_every_sentence_once(train_dat
         # Length bucketing keeps padding low.
         real = train_data.src_lengths.sum() + train_data.tgt_lengths.sum()
         padded_total = sum(
-            len(b) * (train_data.src_lengths[b].max() + train_data.tgt_lengths[b].max())
-            for b in batches
+            len(b) * (train_data.src_lengths[b].max() + train_data.tgt_lengths[b].max()) for b in batches
         )
         assert real / padded_total > 0.8
 

@@ -65,9 +65,7 @@ def test_tied_roles_are_one_parameter_before_and_after_save_load(arch, tie, tmp_
         for b in ROLES:
             tied = MATRIX_OF_ROLE[tie][a] == MATRIX_OF_ROLE[tie][b]
             assert (loaded.embeddings.weight(a) is loaded.embeddings.weight(b)) == tied
-    for (name, p), (_, q) in zip(
-        model.state_dict().items(), loaded.state_dict().items(), strict=True
-    ):
+    for (name, p), (_, q) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(p, q), name
     # The optimizer sees each tensor once, so a tied matrix has one optimizer state.
     opt = torch.optim.Adam(loaded.parameters())
@@ -92,9 +90,7 @@ def test_tied_gradient_is_the_sum_of_the_untied_role_gradients(arch):
         logits = model(src, tgt)
         F.cross_entropy(logits.flatten(0, 1), tgt.roll(-1, 1).flatten()).backward()
     role_sum = sum(untied.embeddings.weight(role).grad for role in ROLES)
-    torch.testing.assert_close(
-        tied.embeddings.weight("output").grad, role_sum, rtol=1e-5, atol=1e-7
-    )
+    torch.testing.assert_close(tied.embeddings.weight("output").grad, role_sum, rtol=1e-5, atol=1e-7)
     # And the roles really contribute: each untied role gradient is non-zero.
     assert all(untied.embeddings.weight(r).grad.abs().sum() > 0 for r in ROLES)
 
@@ -263,9 +259,7 @@ def test_ddp_wrapping_keeps_one_tied_parameter(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         model = build_model(tiny_config("transformer", "all"))
         wrapped = DistributedDataParallel(model)

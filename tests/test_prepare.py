@@ -102,10 +102,7 @@ def test_round_trip_on_real_lines_without_moses(joint_dir, multi30k):
         encoded = processor.encode(lines)
         assert all(1 not in ids for ids in encoded)  # UNK_ID
         assert [processor.decode(ids) for ids in encoded] == [" ".join(x.split()) for x in lines]
-        assert (
-            processor.decode(processor.encode(["Straße • naïve ☃ 東京"])[0])
-            == "Straße • naïve ☃ 東京"
-        )
+        assert processor.decode(processor.encode(["Straße • naïve ☃ 東京"])[0]) == "Straße • naïve ☃ 東京"
 
 
 def test_round_trip_with_moses(tmp_path, small_corpus, multi30k):
@@ -141,14 +138,10 @@ def test_gzip_and_plain_inputs_give_the_same_result(tmp_path, small_corpus):
     zipped.mkdir()
     for split in ("train", "valid"):
         for lang in ("en", "de"):
-            write_lines(
-                zipped / f"{split}.{lang}.gz", list(read_lines(small_corpus / f"{split}.{lang}"))
-            )
+            write_lines(zipped / f"{split}.{lang}.gz", list(read_lines(small_corpus / f"{split}.{lang}")))
     a = prepare(options(small_corpus, tmp_path / "a"), log=lambda m: None)
     b = prepare(options(zipped, tmp_path / "b"), log=lambda m: None)
-    assert (tmp_path / "a" / "spm.model").read_bytes() == (
-        tmp_path / "b" / "spm.model"
-    ).read_bytes()
+    assert (tmp_path / "a" / "spm.model").read_bytes() == (tmp_path / "b" / "spm.model").read_bytes()
     assert a["splits"]["train"]["tokens"] == b["splits"]["train"]["tokens"]
 
 
@@ -163,9 +156,7 @@ def test_empty_lines_and_length_filters_are_counted(tmp_path, small_corpus):
     write_lines(tmp_path / "train.en", src)
     write_lines(tmp_path / "train.de", tgt)
     stats = prepare(
-        options(
-            small_corpus, tmp_path / "out", train=str(tmp_path / "train"), max_len=100, max_ratio=5
-        ),
+        options(small_corpus, tmp_path / "out", train=str(tmp_path / "train"), max_len=100, max_ratio=5),
         log=lambda m: None,
     )
     train = stats["splits"]["train"]
@@ -182,9 +173,7 @@ def test_empty_lines_and_length_filters_are_counted(tmp_path, small_corpus):
 
 
 def assert_clean_failure(capsys, out: Path, *argv: str) -> str:
-    code, stdout, stderr = run_cli(
-        capsys, "prepare", *argv, "--out", str(out), "--vocab-size", "500"
-    )
+    code, stdout, stderr = run_cli(capsys, "prepare", *argv, "--out", str(out), "--vocab-size", "500")
     assert code == 2
     assert stderr.count("\n") == 1 and "Traceback" not in stderr
     assert not out.exists()
@@ -223,9 +212,7 @@ def test_empty_training_split(tmp_path, capsys):
     assert "train split is empty" in err and "c.en" in err
 
 
-def test_existing_directory_from_other_inputs_is_refused_unless_forced(
-    tmp_path, small_corpus, capsys
-):
+def test_existing_directory_from_other_inputs_is_refused_unless_forced(tmp_path, small_corpus, capsys):
     out = tmp_path / "out"
     argv = [
         "prepare",

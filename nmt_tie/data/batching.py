@@ -46,9 +46,7 @@ class Batch:
         )
 
 
-def pad_sequences(
-    sequences: list[np.ndarray], prefix: int | None, suffix: int | None
-) -> torch.Tensor:
+def pad_sequences(sequences: list[np.ndarray], prefix: int | None, suffix: int | None) -> torch.Tensor:
     """Stack id sequences into a (batch, max_len) tensor, padding with PAD_ID."""
     extra = (prefix is not None) + (suffix is not None)
     width = max(len(s) for s in sequences) + extra
@@ -186,15 +184,21 @@ class TokenBucketSampler:
         """Number of batches in the current epoch."""
         return len(self.epoch_batches(self.epoch))
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        """Yield the rest of the current epoch, then move the state to the next epoch."""
+    def next_batch(self) -> np.ndarray:
+        """The next batch; the state then points past it (into the next epoch if it was last)."""
         batches = self.epoch_batches(self.epoch)
-        while self.position < len(batches):
-            batch = batches[self.position]
-            self.position += 1
-            yield batch
-        self.epoch += 1
-        self.position = 0
+        batch = batches[self.position]
+        self.position += 1
+        if self.position >= len(batches):
+            self.epoch += 1
+            self.position = 0
+        return batch
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """Yield the rest of the current epoch."""
+        epoch = self.epoch
+        while self.epoch == epoch:
+            yield self.next_batch()
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}

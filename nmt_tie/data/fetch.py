@@ -101,9 +101,7 @@ def _concatenate(parts: list[Path], target: Path) -> int:
     return lines
 
 
-def fetch(
-    name: str, dest: Path, mirror: str | None = None, manifest: Path | None = None, log=print
-) -> Path:
+def fetch(name: str, dest: Path, mirror: str | None = None, manifest: Path | None = None, log=print) -> Path:
     """Fetch corpus NAME into DEST/NAME and return that directory."""
     corpora = load_manifest(manifest)
     if name not in corpora:

@@ -123,8 +123,7 @@ class _SplitReader:
             self.tgt_raw.append(tgt)
         if not self.src_raw:
             raise UserError(
-                f"{name} split is empty: no non-empty line pairs in {self.src_path} and "
-                f"{self.tgt_path}"
+                f"{name} split is empty: no non-empty line pairs in {self.src_path} and {self.tgt_path}"
             )
 
 
@@ -209,8 +208,7 @@ def _prepare_into(tmp: Path, opts: PrepareOptions, splits: dict, started: float,
     for name, reader in readers.items():
         raw = {opts.src: reader.src_raw, opts.tgt: reader.tgt_raw}
         tokenized[name] = {
-            lang: pretokenize(raw[lang], lang, opts.threads) if opts.moses else raw[lang]
-            for lang in langs
+            lang: pretokenize(raw[lang], lang, opts.threads) if opts.moses else raw[lang] for lang in langs
         }
 
     # SentencePiece BPE: one joint model, or one per language.
@@ -304,9 +302,7 @@ def _length_filter(src: list[np.ndarray], tgt: list[np.ndarray], opts, dropped: 
     tgt_len = np.array([len(t) for t in tgt])
     too_long = (src_len > opts.max_len) | (tgt_len > opts.max_len)
     ratio = np.maximum(src_len, tgt_len) / np.maximum(1, np.minimum(src_len, tgt_len))
-    bad_ratio = (
-        ~too_long & (ratio > opts.max_ratio) if opts.max_ratio > 0 else np.zeros_like(too_long)
-    )
+    bad_ratio = ~too_long & (ratio > opts.max_ratio) if opts.max_ratio > 0 else np.zeros_like(too_long)
     dropped["too_long"] += int(too_long.sum())
     dropped["ratio"] += int(bad_ratio.sum())
     return ~(too_long | bad_ratio)

@@ -74,9 +74,7 @@ class BiGRUEncoder(nn.Module):
 
 
 class ConditionalGRUDecoder(nn.Module):
-    def __init__(
-        self, emb_dim: int, hidden_dim: int, emb_dropout: float, dropout: float, deep_output: bool
-    ):
+    def __init__(self, emb_dim: int, hidden_dim: int, emb_dropout: float, dropout: float, deep_output: bool):
         super().__init__()
         context_dim = 2 * hidden_dim
         self.init_state = nn.Linear(context_dim, hidden_dim)  # ff_state

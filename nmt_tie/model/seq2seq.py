@@ -50,9 +50,7 @@ class EncoderDecoder(nn.Module):
 
     def decode_step(self, enc: dict, prev_tokens: torch.Tensor, cache: dict | None):
         """Logits (batch, vocab) for the next token after `prev_tokens` (batch,), and the cache."""
-        hidden, cache = self.decoder.step(
-            self.embeddings.embed("decoder_input", prev_tokens), enc, cache
-        )
+        hidden, cache = self.decoder.step(self.embeddings.embed("decoder_input", prev_tokens), enc, cache)
         return self.embeddings.logits(hidden), cache
 
     @staticmethod
@@ -96,9 +94,7 @@ def build_model(config: ModelConfig) -> EncoderDecoder:
         encoder = TransformerEncoder(config.emb_dim, config.enc_layers, *layer_args)
         decoder = TransformerDecoder(config.emb_dim, config.dec_layers, *layer_args)
     else:
-        encoder = BiGRUEncoder(
-            config.emb_dim, config.hidden_dim, config.emb_dropout, config.dropout
-        )
+        encoder = BiGRUEncoder(config.emb_dim, config.hidden_dim, config.emb_dropout, config.dropout)
         decoder = ConditionalGRUDecoder(
             config.emb_dim,
             config.hidden_dim,

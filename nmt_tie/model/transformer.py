@@ -60,9 +60,7 @@ class SelfAttention(nn.Module):
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
         p = self.attention_dropout if self.training else 0.0
-        attended = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask, dropout_p=p, is_causal=causal
-        )
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p, is_causal=causal)
         return self.out(_merge_heads(attended))
 
 
@@ -153,8 +151,7 @@ class TransformerEncoder(nn.Module):
     def __init__(self, dim, layers, heads, ffn_dim, dropout, attention_dropout, pre_norm):
         super().__init__()
         self.layers = nn.ModuleList(
-            EncoderLayer(dim, heads, ffn_dim, dropout, attention_dropout, pre_norm)
-            for _ in range(layers)
+            EncoderLayer(dim, heads, ffn_dim, dropout, attention_dropout, pre_norm) for _ in range(layers)
         )
         self.final_norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
         self.dropout = dropout
@@ -173,8 +170,7 @@ class TransformerDecoder(nn.Module):
     def __init__(self, dim, layers, heads, ffn_dim, dropout, attention_dropout, pre_norm):
         super().__init__()
         self.layers = nn.ModuleList(
-            DecoderLayer(dim, heads, ffn_dim, dropout, attention_dropout, pre_norm)
-            for _ in range(layers)
+            DecoderLayer(dim, heads, ffn_dim, dropout, attention_dropout, pre_norm) for _ in range(layers)
         )
         self.final_norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
         self.dropout = dropout

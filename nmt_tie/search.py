@@ -1,0 +1,198 @@
+"""Greedy and batched beam search over one model or an ensemble.
+
+Beam search works on all sentences and all beams at once: the encoder runs once, the
+decoder advances one token per step from its cache (no recomputation of the prefix), and
+finished hypotheses are kept per sentence in fixed-size tensors, merged by score with
+`topk`; no Python loop over sentences runs inside a step. A sentence is done once `beam`
+hypotheses have ended (as in fairseq); finished sentences leave the batch, and the search
+stops when none is left.
+
+Scores are sums of log-probabilities; beam search ranks finished hypotheses by the GNMT
+length normalization score / ((5 + length) / 6) ** lenpen, with the length counting EOS.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from nmt_tie.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from nmt_tie.model.seq2seq import EncoderDecoder
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # without BOS and EOS
+    score: float  # length-normalized log-probability (beam) or log-probability (greedy)
+
+
+class Ensemble:
+    """Several models decoding in step; their log-probabilities are averaged.
+
+    One model is the common case and costs nothing extra.
+    """
+
+    def __init__(self, models: list[EncoderDecoder]):
+        self.models = models
+
+    def encode(self, src: torch.Tensor) -> list[dict]:
+        return [model.encode(src) for model in self.models]
+
+    def step(self, encs: list[dict], prev: torch.Tensor, caches: list | None):
+        caches = caches or [None] * len(self.models)
+        log_probs, new_caches = [], []
+        for model, enc, cache in zip(self.models, encs, caches, strict=True):
+            logits, cache = model.decode_step(enc, prev, cache)
+            log_probs.append(torch.log_softmax(logits.float(), dim=-1))
+            new_caches.append(cache)
+        mean = log_probs[0] if len(log_probs) == 1 else torch.stack(log_probs).mean(0)
+        mean[:, PAD_ID] = -math.inf
+        mean[:, BOS_ID] = -math.inf
+        return mean, new_caches
+
+    @staticmethod
+    def reorder(states: list, index: torch.Tensor) -> list:
+        return [EncoderDecoder.reorder(state, index) for state in states]
+
+
+def max_lengths(src: torch.Tensor, a: float, b: int) -> torch.Tensor:
+    """Per-sentence output length limit a * source length + b (at least 1)."""
+    src_len = (src != PAD_ID).sum(1)
+    return (src_len.float() * a + b).long().clamp(min=1)
+
+
+@torch.no_grad()
+def greedy_search(ensemble: Ensemble, src: torch.Tensor, max_len: torch.Tensor) -> list[Hypothesis]:
+    batch = src.size(0)
+    encs = ensemble.encode(src)
+    prev = torch.full((batch,), BOS_ID, dtype=torch.long, device=src.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
+    scores = torch.zeros(batch, device=src.device)
+    steps, caches = [], None
+    for t in range(int(max_len.max()) + 1):
+        log_probs, caches = ensemble.step(encs, prev, caches)
+        at_limit = max_len <= t  # only EOS left once the limit is reached
+        log_probs[at_limit] = log_probs[at_limit].masked_fill(
+            torch.arange(log_probs.size(1), device=src.device) != EOS_ID, -math.inf
+        )
+        best = log_probs.argmax(-1)
+        best = best.masked_fill(finished, PAD_ID)
+        scores += log_probs.gather(1, best.clamp(min=0).unsqueeze(1)).squeeze(1).masked_fill(finished, 0)
+        steps.append(best)
+        finished |= best == EOS_ID
+        if finished.all():
+            break
+        prev = best
+    tokens = torch.stack(steps, 1).tolist()
+    return [Hypothesis(_strip(row), score) for row, score in zip(tokens, scores.tolist(), strict=True)]
+
+
+def _strip(tokens: list[int]) -> list[int]:
+    out = []
+    for token in tokens:
+        if token in (EOS_ID, PAD_ID):
+            break
+        out.append(token)
+    return out
+
+
+def length_penalty(length: torch.Tensor | float, alpha: float):
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+@torch.no_grad()
+def beam_search(
+    ensemble: Ensemble,
+    src: torch.Tensor,
+    max_len: torch.Tensor,
+    beam: int = 5,
+    lenpen: float = 0.6,
+    nbest: int = 1,
+) -> list[list[Hypothesis]]:
+    """The `nbest` best hypotheses per sentence, best first."""
+    device = src.device
+    batch = src.size(0)
+    nbest = min(nbest, beam)
+    width = int(max_len.max()) + 1  # room for the longest hypothesis and its EOS
+    # Finished hypotheses of every sentence, best first.
+    fin_scores = torch.full((batch, beam), -math.inf, device=device)
+    fin_tokens = torch.full((batch, beam, width), PAD_ID, dtype=torch.long, device=device)
+    fin_count = torch.zeros(batch, dtype=torch.long, device=device)
+
+    # Every sentence starts with `beam` copies; only the first is alive, so that the first
+    # step does not pick the same token `beam` times.
+    active = torch.arange(batch, device=device)
+    expand = active.repeat_interleave(beam)
+    encs = Ensemble.reorder(ensemble.encode(src), expand)
+    limits = max_len.index_select(0, active)
+    scores = torch.full((batch, beam), -math.inf, device=device)
+    scores[:, 0] = 0.0
+    tokens = torch.zeros(batch * beam, 0, dtype=torch.long, device=device)
+    prev = torch.full((batch * beam,), BOS_ID, dtype=torch.long, device=device)
+    caches = None
+    vocab_ids = None
+    for t in range(width):
+        n = active.numel()
+        log_probs, caches = ensemble.step(encs, prev, caches)
+        vocab = log_probs.size(1)
+        if vocab_ids is None:
+            vocab_ids = torch.arange(vocab, device=device)
+        at_limit = (limits <= t).repeat_interleave(beam)
+        log_probs[at_limit] = log_probs[at_limit].masked_fill(vocab_ids != EOS_ID, -math.inf)
+
+        candidates = (scores.unsqueeze(2) + log_probs.view(n, beam, vocab)).view(n, beam * vocab)
+        top_scores, top_index = candidates.topk(2 * beam, dim=1)
+        from_beam = top_index // vocab
+        token = top_index % vocab
+        finite = top_scores > -math.inf
+        is_eos = token == EOS_ID
+        rank = torch.arange(2 * beam, device=device)
+
+        # 1. Hypotheses ending here (EOS among the best `beam` candidates) join the finished.
+        ending = is_eos & finite & (rank < beam)
+        row_base = (torch.arange(n, device=device) * beam).unsqueeze(1)
+        prefixes = tokens.index_select(0, (row_base + from_beam).view(-1)).view(n, 2 * beam, t)
+        ended = torch.full((n, 2 * beam, width), PAD_ID, dtype=torch.long, device=device)
+        ended[:, :, :t] = prefixes
+        ended[:, :, t] = EOS_ID
+        normalized = (top_scores / length_penalty(t + 1, lenpen)).masked_fill(~ending, -math.inf)
+        merged_scores = torch.cat([fin_scores.index_select(0, active), normalized], dim=1)
+        merged_tokens = torch.cat([fin_tokens.index_select(0, active), ended], dim=1)
+        best_scores, best = merged_scores.topk(beam, dim=1)
+        fin_scores[active] = best_scores
+        fin_tokens[active] = merged_tokens.gather(1, best.unsqueeze(2).expand(-1, -1, width))
+        fin_count[active] += ending.sum(1)
+
+        # 2. The best `beam` candidates that did not end continue (there are always enough:
+        #    each beam has one EOS candidate at most).
+        order = torch.where(~is_eos & finite, rank, rank + 2 * beam)
+        keep = order.argsort(dim=1)[:, :beam]
+        scores = top_scores.gather(1, keep)
+        rows = (row_base + from_beam.gather(1, keep)).view(-1)
+        prev = token.gather(1, keep).view(-1)
+        tokens = torch.cat([tokens.index_select(0, rows), prev.unsqueeze(1)], dim=1)
+        caches = Ensemble.reorder(caches, rows)
+
+        # 3. Sentences with `beam` finished hypotheses leave the batch.
+        done = fin_count.index_select(0, active) >= beam
+        if done.all():
+            break
+        if done.any():
+            still = (~done).nonzero().squeeze(1)
+            rows = (still.unsqueeze(1) * beam + torch.arange(beam, device=device)).view(-1)
+            active, limits, scores = active[still], limits[still], scores[still]
+            tokens, prev = tokens.index_select(0, rows), prev.index_select(0, rows)
+            encs = Ensemble.reorder(encs, rows)
+            caches = Ensemble.reorder(caches, rows)
+
+    results = []
+    for row_scores, row_tokens in zip(fin_scores.tolist(), fin_tokens.tolist(), strict=True):
+        hyps = [
+            Hypothesis(_strip(toks), score)
+            for score, toks in zip(row_scores[:nbest], row_tokens[:nbest], strict=True)
+            if score > -math.inf
+        ]
+        results.append(hyps)
+    return results

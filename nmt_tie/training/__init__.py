@@ -1,0 +1,1 @@
+"""Training: the generic loop, optimizers and schedules, logging, distributed helpers."""

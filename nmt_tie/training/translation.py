@@ -1,0 +1,125 @@
+"""The translation task for the generic Trainer: prepared data, label-smoothed loss, BLEU."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from nmt_tie.checkpoint import vocab_payload
+from nmt_tie.config import ModelConfig, TrainConfig
+from nmt_tie.data.batching import Batch, ParallelData, TokenBucketSampler
+from nmt_tie.data.prepare import PreparedData
+from nmt_tie.data.tokenizer import PAD_ID
+from nmt_tie.evaluate import score
+from nmt_tie.model.seq2seq import build_model, configure_for_data
+from nmt_tie.training.distributed import DistInfo
+from nmt_tie.translate import SearchOptions, Translator
+
+
+def sequence_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float):
+    """Summed label-smoothed loss, summed NLL and the number of non-padding targets.
+
+    Smoothing spreads `label_smoothing` of the probability mass uniformly over the vocabulary
+    (the same loss as F.cross_entropy's label_smoothing); one log-softmax serves both sums.
+    """
+    log_probs = torch.log_softmax(logits.float(), dim=-1).flatten(0, -2)
+    target = target.flatten()
+    mask = target != PAD_ID
+    nll = -log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
+    nll_sum = nll.masked_select(mask).sum()
+    if label_smoothing > 0:
+        smooth = -log_probs.mean(dim=-1)
+        loss = (1 - label_smoothing) * nll + label_smoothing * smooth
+        loss_sum = loss.masked_select(mask).sum()
+    else:
+        loss_sum = nll_sum
+    return loss_sum, nll_sum, int(mask.sum())
+
+
+class TranslationTask:
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, dist: DistInfo, device: torch.device):
+        from nmt_tie.errors import UserError
+
+        if not cfg.data:
+            raise UserError("`data` is not set: give the prepared data directory (data=DIR)")
+        self.cfg = cfg
+        self.device = device
+        self.prepared = PreparedData(cfg.data)
+        self.model_config = configure_for_data(model_cfg, self.prepared)
+        self.src_proc = self.prepared.processor("src")
+        self.tgt_proc = self.prepared.processor("tgt")
+        self.train_data = ParallelData(self.prepared, "train")
+        self.sampler = TokenBucketSampler(
+            self.train_data.src_lengths,
+            self.train_data.tgt_lengths,
+            max_tokens=cfg.max_tokens,
+            seed=cfg.seed,
+            num_shards=dist.world_size,
+            shard=dist.rank,
+            max_sentences=cfg.max_sentences or None,
+        )
+        self.valid_data = ParallelData(self.prepared, "valid")
+        limit = cfg.valid_max_sentences or None
+        self.valid_sources = self.prepared.raw_text("valid", "src")[:limit]
+        self.valid_references = self.prepared.raw_text("valid", "tgt")[:limit]
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def build_model(self):
+        return build_model(self.model_config)
+
+    def next_batch(self) -> Batch:
+        return self.train_data.collate(self.sampler.next_batch()).to(self.device)
+
+    @staticmethod
+    def batch_tokens(batch: Batch) -> int:
+        return batch.target_tokens
+
+    def loss(self, model, batch: Batch):
+        logits = model(batch.src, batch.tgt_in)
+        return sequence_loss(logits, batch.tgt_out, self.cfg.label_smoothing)
+
+    def after_update(self) -> None:
+        pass
+
+    def validate(self, model, run_dir: Path) -> dict:
+        nll_sum = tokens = 0.0
+        valid_sampler = TokenBucketSampler(
+            self.valid_data.src_lengths,
+            self.valid_data.tgt_lengths,
+            self.cfg.max_tokens,
+            shuffle=False,
+        )
+        for indices in valid_sampler:
+            batch = self.valid_data.collate(indices).to(self.device)
+            _, nll, n = sequence_loss(model(batch.src, batch.tgt_in), batch.tgt_out, 0.0)
+            nll_sum += float(nll)
+            tokens += n
+        loss = nll_sum / max(1.0, tokens)
+        translator = Translator(
+            [model], self.src_proc, self.tgt_proc,
+            SearchOptions(beam=self.cfg.valid_beam, max_tokens=self.cfg.max_tokens),
+            device=self.device, dtype="fp32",
+        )  # fmt: skip
+        hypotheses = [hyps[0][0] if hyps else "" for hyps in translator.translate(self.valid_sources)]
+        (run_dir / "valid.hyp").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+        scores = score(hypotheses, self.valid_references)
+        return {
+            "loss": round(loss, 4),
+            "ppl": round(math.exp(min(50.0, loss)), 2),
+            "bleu": scores["bleu"]["score"],
+            "chrf": scores["chrf"]["score"],
+        }
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+    def checkpoint_extras(self) -> dict:
+        return {"vocab": vocab_payload(self.src_proc, self.tgt_proc, self.prepared.joint)}

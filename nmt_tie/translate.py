@@ -1,0 +1,224 @@
+"""Raw text in, detokenized translations out: batching, search, streaming file handling.
+
+Output has exactly one line per input line: an empty input line gives an empty output
+line, an over-long one is truncated (with a warning naming the line). Input is read in
+buffers of lines that are sorted by length into batches of at most `max_tokens` source
+tokens, translated, and written back in input order as soon as a buffer is done; from a
+pipe, whatever lines have arrived are translated without waiting for a full buffer.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import select
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from nmt_tie.checkpoint import load_checkpoint, load_model, processors_from
+from nmt_tie.data.batching import pad_sequences
+from nmt_tie.data.text import decode_line
+from nmt_tie.data.tokenizer import EOS_ID, TextProcessor
+from nmt_tie.errors import UserError
+from nmt_tie.search import Ensemble, beam_search, greedy_search, max_lengths
+
+
+@dataclass
+class SearchOptions:
+    beam: int = 5
+    lenpen: float = 0.6
+    max_len_a: float = 1.5
+    max_len_b: int = 10
+    nbest: int = 1
+    max_tokens: int = 4096  # source tokens per batch
+    max_src_len: int = 256  # longer inputs are truncated (with a warning)
+
+
+def autocast_context(device: torch.device, dtype: str):
+    if dtype == "fp32":
+        return nullcontext()
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    if torch_dtype == torch.float16 and device.type != "cuda":
+        raise UserError("dtype fp16 needs a CUDA device; use bf16 on the CPU")
+    return torch.autocast(device_type=device.type, dtype=torch_dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+class Translator:
+    def __init__(
+        self,
+        models: list,
+        src: TextProcessor,
+        tgt: TextProcessor,
+        options: SearchOptions | None = None,
+        device: torch.device | str = "cpu",
+        dtype: str = "fp32",
+        warn: Callable[[str], None] | None = None,
+    ):
+        self.ensemble = Ensemble(models)
+        self.src, self.tgt = src, tgt
+        self.options = options or SearchOptions()
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.warn = warn or (lambda message: print(message, file=sys.stderr))
+
+    @classmethod
+    def from_checkpoints(cls, paths: list, options=None, device="cpu", dtype="fp32", warn=None):
+        payloads = [load_checkpoint(p) for p in paths]
+        first = payloads[0]["vocab"]
+        for path, payload in zip(paths[1:], payloads[1:], strict=True):
+            vocab = payload["vocab"]
+            if vocab["spm_src"] != first["spm_src"] or vocab["spm_tgt"] != first["spm_tgt"]:
+                raise UserError(f"{path} has another vocabulary than {paths[0]}: an ensemble needs one")
+            if vocab["moses"] != first["moses"]:
+                raise UserError(f"{path} and {paths[0]} differ in Moses pre-processing")
+        device = torch.device(device)
+        models = [load_model(p, device).eval() for p in payloads]
+        src, tgt = processors_from(first)
+        return cls(models, src, tgt, options, device, dtype, warn)
+
+    def _search(self, src: torch.Tensor) -> list[list]:
+        opts = self.options
+        limit = max_lengths(src, opts.max_len_a, opts.max_len_b)
+        with autocast_context(self.device, self.dtype):
+            if opts.beam == 1:
+                return [[h] for h in greedy_search(self.ensemble, src, limit)]
+            return beam_search(self.ensemble, src, limit, opts.beam, opts.lenpen, opts.nbest)
+
+    def translate_ids(self, sources: list[list[int]]) -> list[list]:
+        """Hypotheses (best first) for id sequences, batched by length; input order kept."""
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i]), reverse=True)
+        results: list = [None] * len(sources)
+        start = 0
+        while start < len(order):
+            longest = len(sources[order[start]]) + 1
+            size = max(1, self.options.max_tokens // longest)
+            chunk = order[start : start + size]
+            src = pad_sequences([sources[i] for i in chunk], None, EOS_ID).to(self.device)
+            for i, hyps in zip(chunk, self._search(src), strict=True):
+                results[i] = hyps
+            start += size
+        return results
+
+    def translate(
+        self, lines: list[str], first_line: int = 1, name: str = "input"
+    ) -> list[list[tuple[str, float]]]:
+        """(text, score) hypotheses per line; empty lines get an empty hypothesis list."""
+        todo = [i for i, line in enumerate(lines) if line.strip()]
+        encoded = self.src.encode([lines[i] for i in todo])
+        limit = self.options.max_src_len
+        for i, ids in zip(todo, encoded, strict=True):
+            if len(ids) > limit:
+                self.warn(f"{name}:{first_line + i}: {len(ids)} subwords, truncated to {limit}")
+                del ids[limit:]
+        out: list[list[tuple[str, float]]] = [[] for _ in lines]
+        for i, hyps in zip(todo, self.translate_ids(encoded), strict=True):
+            out[i] = [(self.tgt.decode(h.tokens), h.score) for h in hyps]
+        return out
+
+
+def line_batches(fd: int, name: str, max_lines: int) -> Iterator[tuple[int, list[str]]]:
+    """(first line number, lines) from a file descriptor: full buffers from files, whatever
+    has arrived from a pipe or terminal. Invalid UTF-8 stops with file:line, after the lines
+    before it have been handed out."""
+    pending: list[str] = []
+    first = 1
+    lineno = 0
+    tail = b""
+    while True:
+        if pending and (len(pending) >= max_lines or not _readable_now(fd)):
+            yield first, pending
+            first += len(pending)
+            pending = []
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        *complete, tail = (tail + chunk).split(b"\n")
+        for raw in complete:
+            lineno += 1
+            try:
+                pending.append(decode_line(raw, name, lineno))
+            except UserError:
+                if pending:
+                    yield first, pending
+                raise
+    if tail:
+        lineno += 1
+        try:
+            pending.append(decode_line(tail, name, lineno))
+        except UserError:
+            if pending:
+                yield first, pending
+            raise
+    if pending:
+        yield first, pending
+
+
+def _readable_now(fd: int) -> bool:
+    try:
+        return bool(select.select([fd], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
+def gzip_line_batches(path: str, max_lines: int) -> Iterator[tuple[int, list[str]]]:
+    with gzip.open(path, "rb") as handle:
+        pending, first = [], 1
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                pending.append(decode_line(raw, path, lineno))
+            except UserError:
+                if pending:
+                    yield first, pending
+                raise
+            if len(pending) == max_lines:
+                yield first, pending
+                first += len(pending)
+                pending = []
+        if pending:
+            yield first, pending
+
+
+def translate_stream(
+    translator: Translator, source: str | None, target: str | None, buffer_lines: int = 1000
+) -> int:
+    """Translate a file (or stdin) into a file (or stdout); return the number of lines."""
+    name = source or "<stdin>"
+    nbest = translator.options.nbest > 1
+    count = 0
+    with ExitStack() as stack:
+        if source and source.endswith(".gz"):
+            batches = gzip_line_batches(source, buffer_lines)
+        else:
+            if source:
+                try:
+                    fd = stack.enter_context(open(source, "rb")).fileno()
+                except OSError as err:
+                    raise UserError(f"cannot read {source}: {err.strerror}") from None
+            else:
+                fd = sys.stdin.fileno()
+            batches = line_batches(fd, name, buffer_lines)
+        out = stack.enter_context(open(target, "w", encoding="utf-8", newline="\n")) if target else sys.stdout
+        for first, lines in batches:
+            for offset, hyps in enumerate(translator.translate(lines, first, name)):
+                if nbest:
+                    for text, score in hyps or [("", 0.0)]:
+                        out.write(f"{first + offset}\t{score:.4f}\t{text}\n")
+                else:
+                    out.write((hyps[0][0] if hyps else "") + "\n")
+            out.flush()
+            count += len(lines)
+    return count
