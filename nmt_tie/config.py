@@ -168,10 +168,20 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise UserError(f"{key}: {value!r} is not a valid {getattr(hint, '__name__', hint)}")
 
 
-def closest_key(key: str) -> str:
-    names = [f.name for cls in CONFIG_CLASSES for f in fields(cls)]
-    match = difflib.get_close_matches(key, names, n=1, cutoff=0.0)
-    return match[0] if match else names[0]
+def _edit_distance(a: str, b: str) -> int:
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def closest_key(key: str, names: list[str] | None = None) -> str:
+    """The valid key a typo most likely meant: fewest edits, then most similar."""
+    names = names or [f.name for cls in CONFIG_CLASSES for f in fields(cls)]
+    return min(names, key=lambda n: (_edit_distance(key, n), -difflib.SequenceMatcher(None, key, n).ratio()))
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:

@@ -1,0 +1,265 @@
+"""`nmt-tie train`: exact resume after kills, DDP equivalence, stopping, logs, bad configs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from nmt_tie.checkpoint import load_checkpoint, load_model
+from nmt_tie.cli import main
+from nmt_tie.config import load_config
+from nmt_tie.data.prepare import PrepareOptions, prepare
+from nmt_tie.errors import UserError
+from nmt_tie.training.trainer import Trainer, TrainingDiverged
+from nmt_tie.training.translation import TranslationTask
+
+TINY = {
+    "arch": "transformer", "tie": "all", "emb_dim": 32, "ffn_dim": 64, "enc_layers": 1,
+    "dec_layers": 1, "heads": 2, "dropout": 0.1, "max_tokens": 600, "lr": 0.002, "warmup": 10,
+    "max_updates": 20, "valid_every": 5, "log_every": 5, "valid_max_sentences": 20, "threads": 1,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, small_corpus) -> Path:
+    out = tmp_path_factory.mktemp("train") / "prep"
+    prepare(
+        PrepareOptions(src="en", tgt="de", train=str(small_corpus / "train"),
+                       valid=str(small_corpus / "valid"), out=out, vocab_size=500),
+        log=lambda m: None,
+    )  # fmt: skip
+    return out
+
+
+def write_config(path: Path, data_dir: Path, save_dir: Path, **overrides) -> Path:
+    path.write_text(yaml.safe_dump({**TINY, "data": str(data_dir), "save_dir": str(save_dir), **overrides}))
+    return path
+
+
+def make_trainer(tmp_path: Path, data_dir: Path, name: str, **overrides) -> Trainer:
+    config = write_config(tmp_path / f"{name}.yaml", data_dir, tmp_path / name, **overrides)
+    model_cfg, train_cfg = load_config(config)
+    return Trainer(TranslationTask, model_cfg, train_cfg, log=lambda m: None)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "last.pt")["model"]
+
+
+def assert_same_weights(a: dict, b: dict, exact: bool = True) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        if exact:
+            assert torch.equal(a[name], b[name]), name
+        else:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_at(update: int):
+    def hook(trainer: Trainer) -> None:
+        if trainer.update == update:
+            raise Killed
+
+    return hook
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir) -> dict:
+    tmp = tmp_path_factory.mktemp("reference")
+    make_trainer(tmp, data_dir, "run").run()
+    return final_weights(tmp / "run")
+
+
+def test_resume_after_a_kill_between_updates_gives_the_same_weights(tmp_path, data_dir, uninterrupted):
+    trainer = make_trainer(tmp_path, data_dir, "run")
+    trainer.after_update_hooks = [kill_at(13)]
+    with pytest.raises(Killed):
+        trainer.run()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["trainer"]["update"] == 10
+    resumed = make_trainer(tmp_path, data_dir, "run")
+    assert resumed.update == 10
+    resumed.run()
+    assert_same_weights(final_weights(tmp_path / "run"), uninterrupted)
+    # The log holds each update once, as if nothing had happened.
+    records = [r for r in read_log(tmp_path / "run") if r["type"] == "train"]
+    assert [r["update"] for r in records] == [5, 10, 15, 20]
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_a_kill_during_a_save(tmp_path, data_dir, uninterrupted, monkeypatch):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def dying_save(obj, handle, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the save at update 15: write half a file, then die
+            real_save(obj, handle, *args, **kwargs)
+            handle.seek(0)
+            handle.truncate(handle.tell() // 2 or 100)
+            raise Killed
+        return real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(Killed):
+        make_trainer(tmp_path, data_dir, "run").run()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert not [p for p in (tmp_path / "run").iterdir() if ".tmp-" in p.name]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["trainer"]["update"] == 10
+    make_trainer(tmp_path, data_dir, "run").run()
+    assert_same_weights(final_weights(tmp_path / "run"), uninterrupted)
+
+
+def run_cli_process(config: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "nmt_tie", "train", str(config), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+    )  # fmt: skip
+
+
+def test_resume_after_kill_9(tmp_path, data_dir):
+    settings = {"max_updates": 40, "valid_every": 4, "log_every": 2}
+    reference = write_config(tmp_path / "ref.yaml", data_dir, tmp_path / "ref", **settings)
+    assert run_cli_process(reference).wait(timeout=300) == 0
+    config = write_config(tmp_path / "kill.yaml", data_dir, tmp_path / "kill", **settings)
+    process = run_cli_process(config)
+    log = tmp_path / "kill" / "log.jsonl"
+    deadline = time.time() + 200
+    while time.time() < deadline:
+        if log.exists() and any(r.get("update", 0) >= 14 for r in read_log(tmp_path / "kill")):
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    resumed = run_cli_process(config)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert "resuming" in output
+    assert_same_weights(final_weights(tmp_path / "kill"), final_weights(tmp_path / "ref"))
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, data_dir):
+    settings = {"dropout": 0.0, "max_updates": 6, "valid_every": 3, "max_tokens": 400}
+    single = write_config(tmp_path / "single.yaml", data_dir, tmp_path / "single", update_freq=2, **settings)
+    assert run_cli_process(single).wait(timeout=300) == 0
+    ddp = write_config(tmp_path / "ddp.yaml", data_dir, tmp_path / "ddp", **settings)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "nmt_tie", "train", str(ddp)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_same_weights(final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single"), exact=False)
+    model = load_model(load_checkpoint(tmp_path / "ddp" / "last.pt"))
+    assert model.embeddings.weight("encoder_input") is model.embeddings.weight("output")
+    # Only rank 0 wrote: one log, one set of checkpoints.
+    assert len([r for r in read_log(tmp_path / "ddp") if r["type"] == "valid"]) == 2
+
+
+def test_early_stopping_stops_after_patience(tmp_path, data_dir):
+    trainer = make_trainer(
+        tmp_path, data_dir, "run", lr=0.0, patience=2, max_updates=100, valid_metric="loss"
+    )
+    summary = trainer.run()
+    assert summary["update"] == 15
+    assert "patience" in summary["reason"]
+    valid = [r for r in read_log(tmp_path / "run") if r["type"] == "valid"]
+    assert [r["update"] for r in valid] == [5, 10, 15]
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
+    tmp_path, data_dir, monkeypatch
+):
+    real_loss = TranslationTask.loss
+    calls = {"n": 0}
+
+    def exploding_loss(self, model, batch):
+        calls["n"] += 1
+        loss, nll, tokens = real_loss(self, model, batch)
+        return (loss * math.nan, nll, tokens) if calls["n"] >= 8 else (loss, nll, tokens)
+
+    monkeypatch.setattr(TranslationTask, "loss", exploding_loss)
+    with pytest.raises(TrainingDiverged, match="diverged at update 8.*last.pt"):
+        make_trainer(tmp_path, data_dir, "run").run()
+    payload = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert payload["trainer"]["update"] == 5
+    assert all(torch.isfinite(t).all() for t in payload["model"].values())
+
+
+def test_run_directory_holds_config_logs_tensorboard_and_checkpoints(tmp_path, data_dir):
+    make_trainer(tmp_path, data_dir, "run", save_every=5, keep_last=2).run()
+    run = tmp_path / "run"
+    assert yaml.safe_load((run / "config.yaml").read_text())["tie"] == "all"
+    assert {"last.pt", "best.pt", "checkpoint_15.pt", "checkpoint_20.pt"} <= {p.name for p in run.iterdir()}
+    assert not (run / "checkpoint_5.pt").exists()  # keep_last=2
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    records = read_log(run)
+    train = [r for r in records if r["type"] == "train"]
+    valid = [r for r in records if r["type"] == "valid"]
+    for key in ("update", "epoch", "loss", "nll", "ppl", "lr", "tokens_per_s", "updates_per_s", "elapsed"):
+        assert key in train[0]
+    for key in ("update", "loss", "ppl", "bleu", "chrf", "best"):
+        assert key in valid[0]
+    assert [r["update"] for r in valid] == [5, 10, 15, 20]
+    assert len((run / "valid.hyp").read_text().splitlines()) == 20
+
+
+def test_bf16_autocast_trains_on_the_cpu(tmp_path, data_dir):
+    summary = make_trainer(tmp_path, data_dir, "run", dtype="bf16", max_updates=10).run()
+    assert summary["update"] == 10
+    assert all(math.isfinite(r["loss"]) for r in read_log(tmp_path / "run"))
+
+
+def test_bad_config_keys_and_values(tmp_path, data_dir, capsys):
+    config = write_config(tmp_path / "c.yaml", data_dir, tmp_path / "run")
+    with pytest.raises(UserError, match="unknown key 'max_update'; did you mean 'max_updates'"):
+        load_config(config, ["max_update=5"])
+    with pytest.raises(UserError, match="max_updates: 'many' is not a valid int"):
+        load_config(config, ["max_updates=many"])
+    (tmp_path / "bad.yaml").write_text("tye: all\n")
+    with pytest.raises(UserError, match="bad.yaml: unknown key 'tye'; did you mean 'tie'"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(config), "optimiser=adam"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did you mean 'optimizer'" in err
+
+
+def test_a_run_directory_of_another_model_is_not_overwritten(tmp_path, data_dir):
+    make_trainer(tmp_path, data_dir, "run", max_updates=5).run()
+    with pytest.raises(UserError, match="another model .*emb_dim"):
+        make_trainer(tmp_path, data_dir, "run", emb_dim=64)
+
+
+@pytest.mark.slow
+def test_a_small_transformer_learns_multi30k(tmp_path, multi30k):
+    data = tmp_path / "prep"
+    prepare(
+        PrepareOptions(src="en", tgt="de", train=str(multi30k / "train"), valid=str(multi30k / "val"),
+                       out=data, vocab_size=2000),
+        log=lambda m: None,
+    )  # fmt: skip
+    settings = dict(emb_dim=64, ffn_dim=256, enc_layers=2, dec_layers=2, heads=4, max_tokens=3000,
+                    lr=0.003, warmup=50, max_updates=150, valid_every=25, valid_max_sentences=100,
+                    threads=0, dtype="bf16")  # fmt: skip
+    make_trainer(tmp_path, data, "run", **settings).run()
+    valid = [r for r in read_log(tmp_path / "run") if r["type"] == "valid"]
+    assert valid[-1]["ppl"] < valid[0]["ppl"] / 3, valid
+    assert valid[-1]["ppl"] < 150, valid

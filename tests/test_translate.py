@@ -1,0 +1,263 @@
+"""Search and `nmt-tie translate/score/average`: beam vs greedy, batching, ensembles, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_lines
+from test_model import tiny_config
+
+from nmt_tie.checkpoint import average_checkpoints, load_checkpoint, load_model, save_atomic
+from nmt_tie.cli import main
+from nmt_tie.data.prepare import PreparedData, PrepareOptions, prepare
+from nmt_tie.data.tokenizer import BOS_ID, EOS_ID
+from nmt_tie.evaluate import score
+from nmt_tie.model.seq2seq import EncoderDecoder, build_model, configure_for_data
+from nmt_tie.search import Ensemble, beam_search, greedy_search, max_lengths
+from nmt_tie.training.trainer import Trainer
+from nmt_tie.training.translation import TranslationTask
+from nmt_tie.translate import SearchOptions, Translator
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("arch", ["rnn", "transformer"])
+def test_beam_one_equals_greedy(arch):
+    torch.manual_seed(5)
+    model = build_model(tiny_config(arch)).eval()
+    src = torch.randint(4, 50, (8, 9))
+    src[2, 4:] = 0
+    limit = max_lengths(src, 1.5, 5)
+    greedy = greedy_search(Ensemble([model]), src, limit)
+    beam = beam_search(Ensemble([model]), src, limit, beam=1)
+    assert [g.tokens for g in greedy] == [b[0].tokens for b in beam]
+    for g, b in zip(greedy, beam, strict=True):
+        assert b[0].score == pytest.approx(g.score / ((5 + len(g.tokens) + 1) / 6) ** 0.6, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["rnn", "transformer"])
+def test_a_batch_gives_the_same_output_as_one_sentence_at_a_time(arch):
+    torch.manual_seed(6)
+    model = build_model(tiny_config(arch)).eval()
+    sources = [torch.randint(4, 50, (n,)).tolist() for n in (3, 9, 5, 12, 1, 7)]
+    translator = Translator([model], None, None, SearchOptions(beam=4, nbest=2, max_len_b=5))
+    together = translator.translate_ids(sources)
+    alone = [translator.translate_ids([s])[0] for s in sources]
+    for a, b in zip(together, alone, strict=True):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
+
+
+class MarkovModel(torch.nn.Module):
+    """A hand-set 'decoder': the next-token distribution depends on the previous token only.
+
+    From BOS: token 4 with p=0.5, token 5 with p=0.4. After 4 every one of 10 tokens has
+    p=0.1 (and EOS too), after 5 EOS has p=0.9. Greedy takes 4 (log p = log .5 + log .1),
+    the better sequence is 5 EOS (log .4 + log .9).
+    """
+
+    vocab = 20
+
+    def __init__(self):
+        super().__init__()
+        table = torch.full((self.vocab, self.vocab), 1e-9)
+        table[BOS_ID, 4], table[BOS_ID, 5], table[BOS_ID, EOS_ID] = 0.5, 0.4, 0.1
+        table[4, 6:16] = 0.09
+        table[4, EOS_ID] = 0.1
+        table[5, EOS_ID], table[5, 6] = 0.9, 0.1
+        table[6:16, EOS_ID] = 1.0
+        self.register_buffer("log_table", (table / table.sum(1, keepdim=True)).log())
+
+    def encode(self, src):
+        return {"mask": src != 0}
+
+    def decode_step(self, enc, prev, cache):
+        return self.log_table[prev], {"steps": torch.zeros(prev.size(0))}
+
+    reorder = staticmethod(EncoderDecoder.reorder)
+
+
+def test_beam_search_finds_a_better_sequence_than_greedy():
+    model = MarkovModel()
+    src = torch.tensor([[7, 8, 3]])
+    limit = torch.tensor([5])
+    greedy = greedy_search(Ensemble([model]), src, limit)[0]
+    best = beam_search(Ensemble([model]), src, limit, beam=5, lenpen=0.0, nbest=3)[0]
+    assert greedy.tokens[0] == 4
+    assert best[0].tokens == [5]
+    assert best[0].score == pytest.approx(math.log(0.4) + math.log(0.9), abs=1e-4)
+    assert best[0].score > greedy.score
+    assert [h.score for h in best] == sorted((h.score for h in best), reverse=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, small_corpus) -> tuple[Path, Path, Path]:
+    """Two checkpoints of one short run, and the prepared data."""
+    from test_train import write_config
+
+    from nmt_tie.config import load_config
+
+    root = tmp_path_factory.mktemp("translate")
+    data = root / "prep"
+    prepare(
+        PrepareOptions(src="en", tgt="de", train=str(small_corpus / "train"),
+                       valid=str(small_corpus / "valid"), out=data, vocab_size=500),
+        log=lambda m: None,
+    )  # fmt: skip
+    config = write_config(root / "c.yaml", data, root / "run", save_every=5, max_updates=10)
+    Trainer(TranslationTask, *load_config(config), log=lambda m: None).run()
+    return root / "run" / "checkpoint_5.pt", root / "run" / "checkpoint_10.pt", data
+
+
+def test_ensemble_of_one_checkpoint_twice_equals_that_checkpoint(checkpoints, small_corpus):
+    ckpt, _, _ = checkpoints
+    lines = (small_corpus / "valid.en").read_text().splitlines()[:15]
+    single = Translator.from_checkpoints([ckpt], SearchOptions(beam=3, nbest=2)).translate(lines)
+    double = Translator.from_checkpoints([ckpt, ckpt], SearchOptions(beam=3, nbest=2)).translate(lines)
+    for a, b in zip(single, double, strict=True):
+        assert [t for t, _ in a] == [t for t, _ in b]
+        assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-4)
+
+
+def test_averaging_identical_checkpoints_returns_the_same_weights(checkpoints, tmp_path):
+    ckpt, other, _ = checkpoints
+    averaged = average_checkpoints([ckpt, ckpt, ckpt])
+    original = load_checkpoint(ckpt)["model"]
+    for name, tensor in original.items():
+        torch.testing.assert_close(averaged["model"][name], tensor, rtol=0, atol=1e-7)
+    mean = average_checkpoints([ckpt, other])["model"]
+    second = load_checkpoint(other)["model"]
+    for name in original:
+        torch.testing.assert_close(mean[name], (original[name] + second[name]) / 2)
+    save_atomic(averaged, tmp_path / "avg.pt")
+    model = load_model(load_checkpoint(tmp_path / "avg.pt"))
+    assert model.embeddings.weight("encoder_input") is model.embeddings.weight("output")
+
+
+def test_translate_keeps_one_line_per_input_line(checkpoints, tmp_path, capsys):
+    ckpt, _, _ = checkpoints
+    lines = ["A dog runs on the beach.", "", "Two men are talking.", "   ", "word " * 400, "A cat."]
+    write_lines(tmp_path / "in.en", lines)
+    code, _, err = run_cli(capsys, "translate", "-c", str(ckpt), "-i", str(tmp_path / "in.en"),
+                           "-o", str(tmp_path / "out.de"), "--beam", "2", "--max-src-len", "50")  # fmt: skip
+    assert code == 0
+    out = (tmp_path / "out.de").read_text().split("\n")
+    assert len(out) == len(lines) + 1 and out[-1] == ""
+    assert out[1] == "" and out[3] == ""
+    assert f"{tmp_path / 'in.en'}:5:" in err and "truncated to 50" in err
+    # gzip input gives the same output
+    with gzip.open(tmp_path / "in.en.gz", "wt") as handle:
+        handle.write("\n".join(lines) + "\n")
+    code, stdout, _ = run_cli(capsys, "translate", "-c", str(ckpt), "-i", str(tmp_path / "in.en.gz"),
+                              "--beam", "2", "--max-src-len", "50")  # fmt: skip
+    assert stdout.split("\n") == out
+
+
+def test_nbest_output_lists_line_number_score_and_text(checkpoints, tmp_path, capsys):
+    ckpt, _, _ = checkpoints
+    write_lines(tmp_path / "in.en", ["A dog.", "", "A man in a red shirt."])
+    code, stdout, _ = run_cli(capsys, "translate", "-c", str(ckpt), "-i", str(tmp_path / "in.en"),
+                              "--beam", "4", "--nbest", "3")  # fmt: skip
+    assert code == 0
+    rows = [line.split("\t") for line in stdout.splitlines()]
+    assert [r[0] for r in rows] == ["1"] * 3 + ["2"] + ["3"] * 3
+    scores = [float(r[1]) for r in rows if r[0] == "3"]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_invalid_utf8_stops_with_file_and_line_after_translating_what_came_before(
+    checkpoints, tmp_path, capsys
+):
+    ckpt, _, _ = checkpoints
+    (tmp_path / "bad.en").write_bytes(b"A dog.\nA cat.\nA \xff bird.\nA fish.\n")
+    code, stdout, err = run_cli(capsys, "translate", "-c", str(ckpt), "-i", str(tmp_path / "bad.en"),
+                                "--beam", "1")  # fmt: skip
+    assert code == 2
+    assert f"{tmp_path / 'bad.en'}:3: invalid UTF-8" in err and err.count("\n") == 1
+    assert len(stdout.splitlines()) == 2
+
+
+def test_ensemble_members_must_share_a_vocabulary(checkpoints, tmp_path, small_corpus):
+    ckpt, _, data = checkpoints
+    other_data = tmp_path / "other"
+    prepare(
+        PrepareOptions(src="en", tgt="de", train=str(small_corpus / "train"),
+                       valid=str(small_corpus / "valid"), out=other_data, vocab_size=700),
+        log=lambda m: None,
+    )  # fmt: skip
+    from nmt_tie.checkpoint import model_payload, vocab_payload
+
+    prepared = PreparedData(other_data)
+    model = build_model(configure_for_data(tiny_config("transformer"), prepared))
+    vocab = vocab_payload(prepared.processor("src"), prepared.processor("tgt"), True)
+    save_atomic(model_payload(model, model.config, vocab), tmp_path / "other.pt")
+    from nmt_tie.errors import UserError
+
+    with pytest.raises(UserError, match="another vocabulary.*an ensemble needs one"):
+        Translator.from_checkpoints([ckpt, tmp_path / "other.pt"])
+    with pytest.raises(UserError, match="cannot average"):
+        average_checkpoints([ckpt, tmp_path / "other.pt"])
+
+
+def test_missing_and_truncated_checkpoints_are_clear_errors(checkpoints, tmp_path, capsys):
+    ckpt, _, _ = checkpoints
+    code, _, err = run_cli(capsys, "translate", "-c", str(tmp_path / "none.pt"), "-i", "x")
+    assert code == 2 and "checkpoint not found" in err
+    (tmp_path / "cut.pt").write_bytes(ckpt.read_bytes()[:1000])
+    code, _, err = run_cli(capsys, "translate", "-c", str(tmp_path / "cut.pt"), "-i", "x")
+    assert code == 2 and "truncated or corrupt" in err
+
+
+def test_streaming_from_a_pipe_answers_before_the_input_ends(checkpoints):
+    ckpt, _, _ = checkpoints
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nmt_tie", "translate", "-c", str(ckpt), "--beam", "2"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        process.stdin.write(b"A dog runs.\n")
+        process.stdin.flush()
+        started = time.time()
+        first = process.stdout.readline()  # arrives while stdin is still open
+        assert first.endswith(b"\n") and time.time() - started < 60
+        process.stdin.write(b"\nTwo men.\n")
+        process.stdin.close()
+        rest = process.stdout.read().splitlines()
+        assert len(rest) == 2 and rest[0] == b""
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+
+
+def test_score_matches_sacrebleu_and_checks_line_counts(tmp_path, capsys):
+    import sacrebleu
+
+    hyps = ["the cat sat on the mat", "a dog runs"]
+    refs = ["the cat sat on a mat", "a dog is running"]
+    write_lines(tmp_path / "hyp", hyps)
+    write_lines(tmp_path / "ref", refs)
+    ours = score(hyps, refs)
+    assert ours["bleu"]["score"] == round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)
+    assert ours["chrf"]["score"] == round(sacrebleu.corpus_chrf(hyps, [refs]).score, 2)
+    code, stdout, _ = run_cli(capsys, "score", str(tmp_path / "hyp"), str(tmp_path / "ref"))
+    assert code == 0 and "BLEU" in stdout and "nrefs:1" in stdout and "chrF2" in stdout
+    write_lines(tmp_path / "short", hyps[:1])
+    code, _, err = run_cli(capsys, "score", str(tmp_path / "short"), str(tmp_path / "ref"))
+    assert code == 2 and "short has 1 lines" in err and "ref has 2" in err
