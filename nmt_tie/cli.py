@@ -274,9 +274,14 @@ def _run_translate(args) -> None:
     if args.beam < 1 or args.nbest < 1 or args.nbest > args.beam:
         raise UserError("need 1 <= --nbest <= --beam")
     options = SearchOptions(
-        beam=args.beam, lenpen=args.lenpen, max_len_a=args.max_len_a, max_len_b=args.max_len_b,
-        nbest=args.nbest, max_tokens=args.max_tokens, max_src_len=args.max_src_len,
-    )  # fmt: skip
+        beam=args.beam,
+        lenpen=args.lenpen,
+        max_len_a=args.max_len_a,
+        max_len_b=args.max_len_b,
+        nbest=args.nbest,
+        max_tokens=args.max_tokens,
+        max_src_len=args.max_src_len,
+    )
     translator = Translator.from_checkpoints(
         args.checkpoint, options, resolve_device(args.device), args.dtype
     )
@@ -290,6 +295,7 @@ def _add_score(sub) -> None:
     p.add_argument("--metrics", default="bleu,chrf", help="comma-separated: bleu, chrf")
     p.add_argument("--tokenize", help="sacrebleu BLEU tokenizer (default 13a)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--out", type=Path, help="also write the scores as JSON (for `nmt-tie compare`)")
     p.set_defaults(handler=_run_score)
 
 
@@ -297,6 +303,8 @@ def _run_score(args) -> None:
     from nmt_tie.evaluate import score_files
 
     results = score_files(args.hypotheses, args.references, args.metrics.split(","), args.tokenize)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -318,6 +326,115 @@ def _run_average(args) -> None:
     print(f"averaged {len(args.checkpoints)} checkpoints into {args.output}")
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="table and plot comparing training runs (size, reduction, BLEU)",
+        description="One table row per run (arch, tie, parameters, reduction against the untied twin, "
+        "checkpoint size, best validation BLEU, test BLEU/chrF from *.score.json, updates, time) and "
+        "one plot (BLEU against parameters, validation curves).",
+    )
+    p.add_argument("runs", nargs="+", type=Path, help="run directories (save_dir of `nmt-tie train`)")
+    p.add_argument("-o", "--output", type=Path, help="also write the table as Markdown")
+    p.add_argument("--plot", type=Path, help="write the plot (PNG)")
+    p.set_defaults(handler=_run_compare)
+
+
+def _run_compare(args) -> None:
+    from nmt_tie.compare import compare
+
+    print(compare(args.runs, args.output, args.plot))
+
+
+def _add_lm(sub) -> None:
+    p = sub.add_parser("lm", help="word-level LSTM language models (the paper's section 5)")
+    lm_sub = p.add_subparsers(dest="lm_command", required=True, metavar="{train,eval}")
+    train = lm_sub.add_parser(
+        "train",
+        help="train an LSTM language model (resumes when the run directory has last.pt)",
+        description="Train a word-level LSTM language model with truncated BPTT from a YAML config "
+        "plus key=value overrides (see recipes/ptb/).",
+    )
+    train.add_argument("config", type=Path)
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    train.set_defaults(handler=_run_lm_train)
+    evaluate = lm_sub.add_parser("eval", help="perplexity of a language model on a text file")
+    evaluate.add_argument("checkpoint", type=Path)
+    evaluate.add_argument("--text", required=True, type=Path, help="one sentence per line")
+    evaluate.add_argument("--batch-size", type=int, default=1, help="parallel streams (1 = exact)")
+    evaluate.add_argument("--bptt", type=int, default=35)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(handler=_run_lm_eval)
+
+
+def _run_lm_train(args) -> None:
+    from functools import partial
+
+    from nmt_tie.config import TrainConfig, load_config
+    from nmt_tie.model.lstm_lm import LMConfig
+    from nmt_tie.training.language_model import LanguageModelTask, LMDataConfig
+    from nmt_tie.training.trainer import Trainer
+
+    model_cfg, train_cfg, data_cfg = load_config(
+        args.config, args.overrides, (LMConfig, TrainConfig, LMDataConfig)
+    )
+    Trainer(partial(LanguageModelTask, data_cfg=data_cfg), model_cfg, train_cfg).run()
+
+
+def _run_lm_eval(args) -> None:
+    import math
+
+    from nmt_tie.checkpoint import load_checkpoint
+    from nmt_tie.training.language_model import batchify, load_lm, perplexity
+
+    model, vocab = load_lm(load_checkpoint(args.checkpoint))
+    data = batchify(vocab.encode_file(args.text), args.batch_size)
+    nll, tokens = perplexity(model, data, args.bptt, "cpu")
+    result = {"ppl": round(math.exp(nll), 2), "nll": round(nll, 4), "tokens": tokens}
+    print(
+        json.dumps(result) if args.json else f"{args.text}: perplexity {result['ppl']:.2f} ({tokens} tokens)"
+    )
+
+
+def _add_embeddings(sub) -> None:
+    p = sub.add_parser(
+        "embeddings",
+        help="export an embedding matrix, nearest neighbours, word-similarity scores",
+        description="Look at a checkpoint's input, output or tied embedding: export it (word2vec text "
+        "format), print nearest neighbours by cosine, and with --eval report Spearman correlations on "
+        "word-similarity sets (pairs with unknown words are skipped and counted).",
+    )
+    p.add_argument("checkpoint", type=Path, help="language-model or translation checkpoint")
+    p.add_argument("--which", default="output", help="input | output | tied | encoder-input (translation)")
+    p.add_argument("--export", type=Path, help="write the matrix in word2vec text format")
+    p.add_argument("--neighbours", nargs="*", default=[], metavar="WORD", help="print nearest neighbours")
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--eval", type=Path, metavar="DIR", help="directory of word-similarity files")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_run_embeddings)
+
+
+def _run_embeddings(args) -> None:
+    from nmt_tie import wordvectors
+
+    words, matrix = wordvectors.embedding_matrix(wordvectors.load_payload(args.checkpoint), args.which)
+    if args.export:
+        wordvectors.export_word2vec(words, matrix, args.export)
+        print(f"wrote {len(words)} x {matrix.shape[1]} to {args.export}", file=sys.stderr)
+    for word in args.neighbours:
+        found = wordvectors.neighbours(words, matrix, word, args.top)
+        print(f"{word}: " + ", ".join(f"{w} {c:.3f}" for w, c in found))
+    if args.eval:
+        results = wordvectors.evaluate_all(words, matrix, args.eval)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            for name, r in results.items():
+                print(
+                    f"{name:<12} spearman {r['spearman']:.4f}  ({r['pairs']} pairs, {r['skipped']} skipped)"
+                )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nmt-tie",
@@ -337,6 +454,9 @@ ADDERS = [
     _add_score,
     _add_average,
     _add_params,
+    _add_compare,
+    _add_lm,
+    _add_embeddings,
 ]
 
 

@@ -114,7 +114,7 @@ class TrainConfig:
     clip_norm: float = 0.0  # gradient norm clipping; 0 = off
     label_smoothing: float = 0.1
     # validation and checkpoints
-    valid_every: int = 1000  # updates between validations (and checkpoints)
+    valid_every: int = 1000  # updates between validations (and checkpoints); 0 = every epoch
     valid_metric: str = "bleu"  # bleu | chrf | loss (for best.pt and early stopping)
     valid_beam: int = 1  # beam size for validation translation (1 = greedy)
     valid_max_sentences: int = 0  # translate only the first N validation sentences; 0 = all
@@ -194,21 +194,22 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return overrides
 
 
-def build_configs(values: dict[str, Any], source: str = "config") -> tuple[ModelConfig, TrainConfig]:
-    """Split flat key/values into the two configs, checking every key and value."""
-    model_types, train_types = _field_types(ModelConfig), _field_types(TrainConfig)
-    model_kwargs, train_kwargs = {}, {}
+def build_configs(values: dict[str, Any], source: str = "config", classes: tuple = CONFIG_CLASSES) -> tuple:
+    """Split flat key/values into one dataclass instance per class, checking every key and value."""
+    types = [_field_types(cls) for cls in classes]
+    kwargs: list[dict] = [{} for _ in classes]
     for key, value in values.items():
-        if key in model_types:
-            model_kwargs[key] = _coerce(key, value, model_types[key])
-        elif key in train_types:
-            train_kwargs[key] = _coerce(key, value, train_types[key])
+        for field_types, chosen in zip(types, kwargs, strict=True):
+            if key in field_types:
+                chosen[key] = _coerce(key, value, field_types[key])
+                break
         else:
-            raise UserError(f"{source}: unknown key {key!r}; did you mean {closest_key(key)!r}?")
-    return ModelConfig(**model_kwargs), TrainConfig(**train_kwargs)
+            names = [name for field_types in types for name in field_types]
+            raise UserError(f"{source}: unknown key {key!r}; did you mean {closest_key(key, names)!r}?")
+    return tuple(cls(**chosen) for cls, chosen in zip(classes, kwargs, strict=True))
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[ModelConfig, TrainConfig]:
+def load_config(path: str | Path | None, overrides: list[str] = (), classes: tuple = CONFIG_CLASSES) -> tuple:
     """Read a flat YAML config and apply `key=value` overrides (values parsed as YAML)."""
     values: dict[str, Any] = {}
     if path is not None:
@@ -224,17 +225,21 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[Mod
         if not isinstance(loaded, dict):
             raise UserError(f"{path}: expected key: value pairs")
         values.update(loaded)
-    model_cfg, train_cfg = build_configs(values, str(path or "config"))
+    configs = build_configs(values, str(path or "config"), classes)
+    if not overrides:
+        return configs
     for key, raw in parse_overrides(list(overrides)).items():
-        parsed = yaml.safe_load(raw) if raw != "" else ""
-        values[key] = parsed
-    return build_configs(values, "override") if overrides else (model_cfg, train_cfg)
+        values[key] = yaml.safe_load(raw) if raw != "" else ""
+    return build_configs(values, "override", classes)
 
 
 def to_dict(config: ModelConfig | TrainConfig) -> dict:
     return asdict(config)
 
 
-def dump_configs(model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
+def dump_configs(*configs) -> str:
     """The resolved configuration as flat YAML (what `train` writes into the run directory)."""
-    return yaml.safe_dump({**asdict(model_cfg), **asdict(train_cfg)}, sort_keys=False)
+    merged: dict = {}
+    for config in configs:
+        merged.update(asdict(config))
+    return yaml.safe_dump(merged, sort_keys=False)

@@ -145,10 +145,17 @@ def test_equal_sized_separate_vocabularies_never_tie(tmp_path, small_corpus):
 
     out = tmp_path / "separate"
     prepare(
-        PrepareOptions(src="en", tgt="de", train=str(small_corpus / "train"),
-                       valid=str(small_corpus / "valid"), out=out, vocab_size=600, joint=False),
+        PrepareOptions(
+            src="en",
+            tgt="de",
+            train=str(small_corpus / "train"),
+            valid=str(small_corpus / "valid"),
+            out=out,
+            vocab_size=600,
+            joint=False,
+        ),
         log=lambda m: None,
-    )  # fmt: skip
+    )
     config = configure_for_data(tiny_config("transformer", "all"), PreparedData(out))
     assert config.src_vocab_size == config.tgt_vocab_size == 600 and not config.shared_vocab
     with pytest.raises(UserError, match="pieces differ"):
@@ -209,9 +216,26 @@ def test_exact_parameter_counts_computed_by_hand():
     [(("87000", "92000"), (168e6, 122e6, 80e6)), (("83000", "91000"), (165e6, 119e6, 79e6))],
 )
 def test_paper_sizes_from_flags_within_one_percent(capsys, vocab, expected):
-    main(["params", "--arch", "rnn", "--emb-dim", "500", "--hidden-dim", "1000",
-          "--src-vocab", vocab[0], "--tgt-vocab", vocab[1], "--joint-vocab", "94000",
-          "--tie-modes", "none,decoder,all", "--json"])  # fmt: skip
+    main(
+        [
+            "params",
+            "--arch",
+            "rnn",
+            "--emb-dim",
+            "500",
+            "--hidden-dim",
+            "1000",
+            "--src-vocab",
+            vocab[0],
+            "--tgt-vocab",
+            vocab[1],
+            "--joint-vocab",
+            "94000",
+            "--tie-modes",
+            "none,decoder,all",
+            "--json",
+        ]
+    )
     result = json.loads(capsys.readouterr().out)
     for mode, paper in zip(("none", "decoder", "all"), expected, strict=True):
         assert abs(result[mode]["params"] - paper) / paper < 0.01, (mode, result[mode])

@@ -116,10 +116,16 @@ def checkpoints(tmp_path_factory, small_corpus) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("translate")
     data = root / "prep"
     prepare(
-        PrepareOptions(src="en", tgt="de", train=str(small_corpus / "train"),
-                       valid=str(small_corpus / "valid"), out=data, vocab_size=500),
+        PrepareOptions(
+            src="en",
+            tgt="de",
+            train=str(small_corpus / "train"),
+            valid=str(small_corpus / "valid"),
+            out=data,
+            vocab_size=500,
+        ),
         log=lambda m: None,
-    )  # fmt: skip
+    )
     config = write_config(root / "c.yaml", data, root / "run", save_every=5, max_updates=10)
     Trainer(TranslationTask, *load_config(config), log=lambda m: None).run()
     return root / "run" / "checkpoint_5.pt", root / "run" / "checkpoint_10.pt", data
@@ -154,8 +160,20 @@ def test_translate_keeps_one_line_per_input_line(checkpoints, tmp_path, capsys):
     ckpt, _, _ = checkpoints
     lines = ["A dog runs on the beach.", "", "Two men are talking.", "   ", "word " * 400, "A cat."]
     write_lines(tmp_path / "in.en", lines)
-    code, _, err = run_cli(capsys, "translate", "-c", str(ckpt), "-i", str(tmp_path / "in.en"),
-                           "-o", str(tmp_path / "out.de"), "--beam", "2", "--max-src-len", "50")  # fmt: skip
+    code, _, err = run_cli(
+        capsys,
+        "translate",
+        "-c",
+        str(ckpt),
+        "-i",
+        str(tmp_path / "in.en"),
+        "-o",
+        str(tmp_path / "out.de"),
+        "--beam",
+        "2",
+        "--max-src-len",
+        "50",
+    )
     assert code == 0
     out = (tmp_path / "out.de").read_text().split("\n")
     assert len(out) == len(lines) + 1 and out[-1] == ""
@@ -164,16 +182,27 @@ def test_translate_keeps_one_line_per_input_line(checkpoints, tmp_path, capsys):
     # gzip input gives the same output
     with gzip.open(tmp_path / "in.en.gz", "wt") as handle:
         handle.write("\n".join(lines) + "\n")
-    code, stdout, _ = run_cli(capsys, "translate", "-c", str(ckpt), "-i", str(tmp_path / "in.en.gz"),
-                              "--beam", "2", "--max-src-len", "50")  # fmt: skip
+    code, stdout, _ = run_cli(
+        capsys,
+        "translate",
+        "-c",
+        str(ckpt),
+        "-i",
+        str(tmp_path / "in.en.gz"),
+        "--beam",
+        "2",
+        "--max-src-len",
+        "50",
+    )
     assert stdout.split("\n") == out
 
 
 def test_nbest_output_lists_line_number_score_and_text(checkpoints, tmp_path, capsys):
     ckpt, _, _ = checkpoints
     write_lines(tmp_path / "in.en", ["A dog.", "", "A man in a red shirt."])
-    code, stdout, _ = run_cli(capsys, "translate", "-c", str(ckpt), "-i", str(tmp_path / "in.en"),
-                              "--beam", "4", "--nbest", "3")  # fmt: skip
+    code, stdout, _ = run_cli(
+        capsys, "translate", "-c", str(ckpt), "-i", str(tmp_path / "in.en"), "--beam", "4", "--nbest", "3"
+    )
     assert code == 0
     rows = [line.split("\t") for line in stdout.splitlines()]
     assert [r[0] for r in rows] == ["1"] * 3 + ["2"] + ["3"] * 3
@@ -186,8 +215,9 @@ def test_invalid_utf8_stops_with_file_and_line_after_translating_what_came_befor
 ):
     ckpt, _, _ = checkpoints
     (tmp_path / "bad.en").write_bytes(b"A dog.\nA cat.\nA \xff bird.\nA fish.\n")
-    code, stdout, err = run_cli(capsys, "translate", "-c", str(ckpt), "-i", str(tmp_path / "bad.en"),
-                                "--beam", "1")  # fmt: skip
+    code, stdout, err = run_cli(
+        capsys, "translate", "-c", str(ckpt), "-i", str(tmp_path / "bad.en"), "--beam", "1"
+    )
     assert code == 2
     assert f"{tmp_path / 'bad.en'}:3: invalid UTF-8" in err and err.count("\n") == 1
     assert len(stdout.splitlines()) == 2
@@ -197,10 +227,16 @@ def test_ensemble_members_must_share_a_vocabulary(checkpoints, tmp_path, small_c
     ckpt, _, data = checkpoints
     other_data = tmp_path / "other"
     prepare(
-        PrepareOptions(src="en", tgt="de", train=str(small_corpus / "train"),
-                       valid=str(small_corpus / "valid"), out=other_data, vocab_size=700),
+        PrepareOptions(
+            src="en",
+            tgt="de",
+            train=str(small_corpus / "train"),
+            valid=str(small_corpus / "valid"),
+            out=other_data,
+            vocab_size=700,
+        ),
         log=lambda m: None,
-    )  # fmt: skip
+    )
     from nmt_tie.checkpoint import model_payload, vocab_payload
 
     prepared = PreparedData(other_data)
@@ -228,9 +264,11 @@ def test_streaming_from_a_pipe_answers_before_the_input_ends(checkpoints):
     ckpt, _, _ = checkpoints
     process = subprocess.Popen(
         [sys.executable, "-m", "nmt_tie", "translate", "-c", str(ckpt), "--beam", "2"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    )
     try:
         process.stdin.write(b"A dog runs.\n")
         process.stdin.flush()

@@ -37,10 +37,11 @@ def mirrored(url: str, mirror: str | None) -> str:
     return f"{mirror.rstrip('/')}/{parsed.netloc}{parsed.path}"
 
 
-def download(url: str, target: Path, sha256: str | None, log=print) -> None:
-    """Download to `target` (via a .part file), checking the sha256 when one is given."""
+def download(url: str, target: Path, sha256: str | None, log=print, md5: str | None = None) -> None:
+    """Download to `target` (via a .part file), checking the sha256 (or md5) when given."""
     partial = target.with_name(target.name + ".part")
-    digest = hashlib.sha256()
+    expected, algorithm = (sha256, "sha256") if sha256 or not md5 else (md5, "md5")
+    digest = hashlib.new(algorithm)
     request = urllib.request.Request(url, headers={"User-Agent": "nmt-tie"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response, open(partial, "wb") as out:
@@ -54,10 +55,10 @@ def download(url: str, target: Path, sha256: str | None, log=print) -> None:
         partial.unlink(missing_ok=True)
         raise UserError(f"download failed: {url}: {err}") from None
     actual = digest.hexdigest()
-    if sha256 and actual != sha256:
+    if expected and actual != expected:
         partial.unlink(missing_ok=True)
-        raise UserError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {actual}")
-    if not sha256:
+        raise UserError(f"checksum mismatch for {url}: expected {algorithm} {expected}, got {actual}")
+    if not expected:
         log(f"{target.name}: no published checksum; sha256 of the download is {actual}")
     os.replace(partial, target)
 
@@ -77,7 +78,7 @@ def unpack(archive: Path, kind: str, into: Path) -> None:
 
 def _find(name: str, roots: list[Path]) -> Path:
     for root in roots:
-        if root.is_file() and root.name == name:
+        if root.is_file() and (root.name == name or root.name.endswith("_" + name)):
             return root
         if root.is_dir():
             hits = sorted(root.rglob(name))
@@ -101,6 +102,24 @@ def _concatenate(parts: list[Path], target: Path) -> int:
     return lines
 
 
+def _download_and_unpack(item: dict, downloads: Path, mirror: str | None, log) -> Path:
+    """One manifest download; returns the file, or the directory it was unpacked into."""
+    url = mirrored(item["url"], mirror)
+    parsed = urlparse(item["url"])
+    # host and path in the name: wmt13/test.tgz and wmt15/test.tgz must not collide
+    archive = downloads / (parsed.netloc + parsed.path).replace("/", "_")
+    if not archive.exists():
+        log(f"downloading {url}")
+        download(url, archive, item.get("sha256"), log, md5=item.get("md5"))
+    kind = item.get("unpack", "none")
+    if kind == "none":
+        return archive
+    unpacked = downloads / (archive.name + ".d")
+    if not unpacked.exists():
+        unpack(archive, kind, unpacked)
+    return unpacked
+
+
 def fetch(name: str, dest: Path, mirror: str | None = None, manifest: Path | None = None, log=print) -> Path:
     """Fetch corpus NAME into DEST/NAME and return that directory."""
     corpora = load_manifest(manifest)
@@ -110,37 +129,33 @@ def fetch(name: str, dest: Path, mirror: str | None = None, manifest: Path | Non
     out = Path(dest) / name
     downloads = out / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    roots = []
-    for item in entry.get("downloads", []):
-        url = mirrored(item["url"], mirror)
-        archive = downloads / Path(urlparse(item["url"]).path).name
-        if not archive.exists():
-            log(f"downloading {url}")
-            download(url, archive, item.get("sha256"), log)
-        kind = item.get("unpack", "none")
-        if kind == "none":
-            roots.append(archive)
-            continue
-        unpacked = downloads / (archive.name + ".d")
-        if not unpacked.exists():
-            unpack(archive, kind, unpacked)
-        roots.append(unpacked)
+    roots = [_download_and_unpack(item, downloads, mirror, log) for item in entry.get("downloads", [])]
     for split, by_lang in entry.get("splits", {}).items():
         for lang, names in by_lang.items():
             n = _concatenate([_find(n, roots) for n in names], out / f"{split}.{lang}")
             log(f"{out / f'{split}.{lang}'}: {n} lines")
-    for split, sacrebleu_name in entry.get("test_sets", {}).items():
-        _fetch_test_set(sacrebleu_name, entry["langs"], out / split, log)
+    for split, spec in entry.get("test_sets", {}).items():
+        _fetch_test_set(split, spec, entry["langs"], out, mirror, log)
     return out
 
 
-def _fetch_test_set(sacrebleu_name: str, langs: list[str], prefix: Path, log) -> None:
+def _fetch_test_set(split: str, spec: dict, langs: list[str], out: Path, mirror: str | None, log) -> None:
+    """A WMT test set as sacrebleu knows it: its official archive (checked against sacrebleu's
+    md5 sums), unpacked, and its SGML turned into plain text by sacrebleu's own converter."""
     from sacrebleu.dataset import DATASETS
 
     src, tgt = langs
-    dataset = DATASETS[sacrebleu_name]
+    dataset = DATASETS[spec["sacrebleu"]]
     pair = f"{src}-{tgt}"
-    dataset.process_to_text(pair)
-    shutil.copyfile(dataset.get_source_file(pair), f"{prefix}.{src}")
-    shutil.copyfile(dataset.get_reference_files(pair)[0], f"{prefix}.{tgt}")
-    log(f"{prefix}.{{{src},{tgt}}}: sacrebleu {sacrebleu_name} {pair}")
+    if pair not in dataset.langpairs:
+        raise UserError(f"sacrebleu test set {spec['sacrebleu']} has no {pair}")
+    md5s = spec.get("md5") or dataset.md5 or [None] * len(dataset.data)
+    roots = [
+        _download_and_unpack({"url": url, "md5": md5, "unpack": "tgz"}, out / "downloads", mirror, log)
+        for url, md5 in zip(dataset.data, md5s, strict=True)
+    ]
+    for lang, member in zip((src, tgt), dataset.langpairs[pair][:2], strict=True):
+        source = _find(Path(member).name, roots)
+        target = out / f"{split}.{lang}"
+        dataset._convert_format(str(source), str(target))  # sacrebleu's SGML-to-text step
+        log(f"{target}: sacrebleu {spec['sacrebleu']} {pair}")

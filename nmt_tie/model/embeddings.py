@@ -48,7 +48,10 @@ class TiedEmbeddings(nn.Module):
             when the output matrix is tied to an input one (checked by ModelConfig).
         input_scale: factor on looked-up input embeddings (sqrt(dim) for the Transformer).
         init_std: standard deviation of the normal initialization of the matrices.
+        init_uniform: instead, initialize uniformly in [-init_uniform, init_uniform].
         projection: add the square projection P before the output embedding.
+        roles: the roles the model has; a language model is a decoder without an encoder,
+            so it asks for ("decoder_input", "output") only.
     """
 
     def __init__(
@@ -60,11 +63,13 @@ class TiedEmbeddings(nn.Module):
         output_dim: int | None = None,
         input_scale: float = 1.0,
         init_std: float = 0.01,
+        init_uniform: float | None = None,
         projection: bool = False,
+        roles: tuple[str, ...] = ROLES,
     ):
         super().__init__()
         self.tie = tie
-        self.roles = MATRIX_OF_ROLE[tie]
+        self.roles = {role: MATRIX_OF_ROLE[tie][role] for role in roles}
         self.input_scale = input_scale
         output_dim = output_dim or dim
         vocab_of_role = {
@@ -74,14 +79,17 @@ class TiedEmbeddings(nn.Module):
         }
         dim_of_role = {"encoder_input": dim, "decoder_input": dim, "output": output_dim}
         self.matrices = nn.ParameterDict()
-        for role in ROLES:
+        for role in roles:
             name = self.roles[role]
             if name in self.matrices:
                 if self.matrices[name].shape != (vocab_of_role[role], dim_of_role[role]):
                     raise ValueError(f"tie {tie}: {role} needs a different matrix shape")
                 continue
             weight = torch.empty(vocab_of_role[role], dim_of_role[role])
-            nn.init.normal_(weight, std=init_std)
+            if init_uniform is not None:
+                nn.init.uniform_(weight, -init_uniform, init_uniform)
+            else:
+                nn.init.normal_(weight, std=init_std)
             with torch.no_grad():
                 weight[PAD_ID].zero_()
             self.matrices[name] = nn.Parameter(weight)
@@ -93,7 +101,7 @@ class TiedEmbeddings(nn.Module):
         return self.matrices[self.roles[role]]
 
     def roles_of(self, matrix: str) -> list[str]:
-        return [role for role in ROLES if self.roles[role] == matrix]
+        return [role for role, name in self.roles.items() if name == matrix]
 
     def embed(self, role: str, ids: torch.Tensor) -> torch.Tensor:
         """Look up input embeddings (`role` is encoder_input or decoder_input)."""

@@ -14,6 +14,11 @@ A task implements:
     epoch                              the epoch of the next batch (1-based)
     state_dict() / load_state_dict()   data-iterator (and other) state
     checkpoint_extras() -> dict        e.g. the vocabulary, stored in every checkpoint
+    batch_tokens(batch) -> int         tokens, for per-token metrics
+and optionally:
+    loss_normalizer(batch) -> int      what the summed loss is divided by (default: tokens)
+    extra_configs                      more config dataclasses to write into config.yaml
+    decay_start                        for the epoch_decay schedule
 """
 
 from __future__ import annotations
@@ -123,7 +128,7 @@ class Trainer:
 
     def _check_run_dir(self) -> None:
         config_file = self.run_dir / "config.yaml"
-        resolved = dump_configs(self.model_cfg, self.cfg)
+        resolved = dump_configs(self.model_cfg, self.cfg, *getattr(self.task, "extra_configs", ()))
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if config_file.exists() and (self.run_dir / "last.pt").exists():
@@ -190,7 +195,11 @@ class Trainer:
         last = self.run_dir / "last.pt"
         save_atomic(payload, last)
         if improved:
-            _copy_atomic(last, self.run_dir / "best.pt")
+            # best.pt is for translation and shipping: the model without optimizer state.
+            training_state = ("optimizer", "schedule", "scaler", "task", "trainer")
+            best = {key: value for key, value in payload.items() if key not in training_state}
+            best["trainer"] = {"update": self.update, "best": self.best, "valid": self.last_valid}
+            save_atomic(best, self.run_dir / "best.pt")
         if self.cfg.save_every and self.update % self.cfg.save_every == 0:
             _copy_atomic(last, self.run_dir / f"checkpoint_{self.update}.pt")
             numbered = sorted(self.run_dir.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
@@ -221,8 +230,11 @@ class Trainer:
         self.schedule.set_epoch(self.task.epoch)
         self.schedule.set_update(self.update)
         batches = [self.task.next_batch() for _ in range(cfg.update_freq)]
-        local_tokens = float(sum(self.task.batch_tokens(b) for b in batches))
-        total_tokens = distributed.all_reduce_sum(local_tokens, self.dist, self.device)
+        # The gradient is that of (summed loss of all workers) / (their summed normalizer).
+        normalizer = getattr(self.task, "loss_normalizer", self.task.batch_tokens)
+        total_norm = distributed.all_reduce_sum(
+            float(sum(normalizer(b) for b in batches)), self.dist, self.device
+        )
         penalty_weight = getattr(self.model_cfg, "projection_reg", 0.0)
         loss_sum = nll_sum = 0.0
         for i, batch in enumerate(batches):
@@ -231,7 +243,7 @@ class Trainer:
             with no_sync:
                 with self.autocast:
                     loss, nll, _ = self.task.loss(self.train_model, batch)
-                    objective = loss * (self.dist.world_size / total_tokens)
+                    objective = loss * (self.dist.world_size / total_norm)
                     if penalty_weight:
                         objective = objective + penalty_weight * self.model.projection_penalty() / len(
                             batches
@@ -242,11 +254,12 @@ class Trainer:
                     objective.backward()
             loss_sum += loss.item()
             nll_sum += nll.item()
-        stats = torch.tensor([loss_sum, nll_sum], dtype=torch.float64)
+        tokens = float(sum(self.task.batch_tokens(b) for b in batches))
+        stats = torch.tensor([loss_sum, nll_sum, tokens], dtype=torch.float64)
         if self.dist.enabled:
             stats = stats.to(self.device)
             torch.distributed.all_reduce(stats)
-        loss_sum, nll_sum = stats.tolist()
+        loss_sum, nll_sum, total_tokens = stats.tolist()
         if not math.isfinite(loss_sum):
             raise TrainingDiverged(
                 f"training diverged at update {self.update + 1}: the loss is {loss_sum}; the last good "
@@ -286,8 +299,13 @@ class Trainer:
             self.bad_validations += 1
         self.schedule.on_validation(improved)
         self.last_valid = {**result, "update": self.update}
-        record = {"update": self.update, "epoch": self.task.epoch, **result,
-                  "best": self.best, "elapsed": round(self.elapsed(), 1)}  # fmt: skip
+        record = {
+            "update": self.update,
+            "epoch": self.task.epoch,
+            **result,
+            "best": self.best,
+            "elapsed": round(self.elapsed(), 1),
+        }
         self.log.write("valid", record)
         shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
         self.say(f"update {self.update} valid: {shown}{' (best)' if improved else ''}")
@@ -311,6 +329,7 @@ class Trainer:
         reason = self._stop_reason()
         try:
             while reason is None:
+                epoch_before = self.task.epoch
                 loss_sum, nll_sum, tokens, grad_norm = self.train_step()
                 window["loss"] += loss_sum
                 window["nll"] += nll_sum
@@ -328,7 +347,9 @@ class Trainer:
                         "start": time.perf_counter(),
                     }
                 reason = self._stop_reason()
-                if self.update % cfg.valid_every == 0 or reason is not None:
+                epoch_ended = self.task.epoch != epoch_before
+                due = self.update % cfg.valid_every == 0 if cfg.valid_every > 0 else epoch_ended
+                if due or reason is not None:
                     improved = self.validate()
                     self.save(improved)
                     reason = self._stop_reason()

@@ -89,10 +89,13 @@ class TranslationTask:
             tokens += n
         loss = nll_sum / max(1.0, tokens)
         translator = Translator(
-            [model], self.src_proc, self.tgt_proc,
+            [model],
+            self.src_proc,
+            self.tgt_proc,
             SearchOptions(beam=self.cfg.valid_beam, max_tokens=self.cfg.max_tokens),
-            device=self.device, dtype="fp32",
-        )  # fmt: skip
+            device=self.device,
+            dtype="fp32",
+        )
         hypotheses = [hyps[0][0] if hyps else "" for hyps in translator.translate(self.valid_sources)]
         (run_dir / "valid.hyp").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
         scores = score(hypotheses, self.valid_references)

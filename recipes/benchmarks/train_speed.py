@@ -57,8 +57,16 @@ def measure(model: str, dtype: str, updates: int, data: str) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_cfg = ModelConfig(tie="all", dropout=0.1, **MODELS[model])
-        train_cfg = TrainConfig(data=data, save_dir=tmp, dtype=dtype, max_tokens=4096, max_updates=10**6,
-                                warmup=4000, log_every=10**6, valid_every=10**6)  # fmt: skip
+        train_cfg = TrainConfig(
+            data=data,
+            save_dir=tmp,
+            dtype=dtype,
+            max_tokens=4096,
+            max_updates=10**6,
+            warmup=4000,
+            log_every=10**6,
+            valid_every=10**6,
+        )
         trainer = Trainer(TranslationTask, model_cfg, train_cfg, log=lambda m: None)
         trainer.started = time.perf_counter()
         for _ in range(3):  # warm-up
@@ -103,10 +111,16 @@ def prepared_multi30k(root: Path) -> Path:
     multi30k = data_root() / "multi30k"
     out = root / "multi30k-en-de-8000"
     prepare(
-        PrepareOptions(src="en", tgt="de", train=str(multi30k / "train"), valid=str(multi30k / "val"),
-                       out=out, vocab_size=8000),
+        PrepareOptions(
+            src="en",
+            tgt="de",
+            train=str(multi30k / "train"),
+            valid=str(multi30k / "val"),
+            out=out,
+            vocab_size=8000,
+        ),
         log=lambda m: None,
-    )  # fmt: skip
+    )
     return out
 
 
@@ -133,12 +147,16 @@ def main() -> None:
                 command = [sys.executable, __file__, "--child", model, dtype, str(args.updates), str(data)]
                 output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
                 results.append(json.loads(output.strip().splitlines()[-1]))
-    print(f"{'model':<12}{'dtype':<6}{'params':>10}{'tgt tok/s':>11}{'upd/s':>8}{'peak RSS MB':>13}"
-          f"{'GFLOP/upd':>11}{'GFLOP/s':>9}{'peak':>7}{'MFU':>7}")  # fmt: skip
+    print(
+        f"{'model':<12}{'dtype':<6}{'params':>10}{'tgt tok/s':>11}{'upd/s':>8}{'peak RSS MB':>13}"
+        f"{'GFLOP/upd':>11}{'GFLOP/s':>9}{'peak':>7}{'MFU':>7}"
+    )
     for r in results:
-        print(f"{r['model']:<12}{r['dtype']:<6}{r['params']:>10,}{r['target_tokens_per_s']:>11,.0f}"
-              f"{r['updates_per_s']:>8.2f}{r['peak_rss_mb']:>13,.0f}{r['gflops_per_update']:>11.1f}"
-              f"{r['achieved_gflops']:>9.0f}{r['peak_gflops']:>7.0f}{r['mfu']:>7.1%}")  # fmt: skip
+        print(
+            f"{r['model']:<12}{r['dtype']:<6}{r['params']:>10,}{r['target_tokens_per_s']:>11,.0f}"
+            f"{r['updates_per_s']:>8.2f}{r['peak_rss_mb']:>13,.0f}{r['gflops_per_update']:>11.1f}"
+            f"{r['achieved_gflops']:>9.0f}{r['peak_gflops']:>7.0f}{r['mfu']:>7.1%}"
+        )
     by_key = {(r["model"], r["dtype"]): r for r in results}
     for model in args.models.split(","):
         if (model, "fp32") in by_key and (model, "bf16") in by_key:

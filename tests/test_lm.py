@@ -1,0 +1,234 @@
+"""Language models (the paper's section 5) and embedding analysis."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import write_lines
+
+from nmt_tie.checkpoint import load_checkpoint
+from nmt_tie.cli import main
+from nmt_tie.config import TrainConfig, load_config
+from nmt_tie.data.text import read_lines
+from nmt_tie.errors import UserError
+from nmt_tie.model.lstm_lm import LMConfig, LSTMLanguageModel
+from nmt_tie.report import count_unique
+from nmt_tie.training.distributed import DistInfo
+from nmt_tie.training.language_model import LanguageModelTask, LMDataConfig, WordVocabulary, batchify
+from nmt_tie.training.trainer import Trainer
+from nmt_tie.wordvectors import embedding_matrix, rank, similarity_score, spearman
+
+PAPER_SIZES = {("none", 0.0): 4.65e6, ("all", 0.0): 2.65e6, ("none", 0.15): 4.69e6, ("all", 0.15): 2.69e6}
+
+
+@pytest.mark.parametrize("tie, reg", list(PAPER_SIZES))
+def test_small_ptb_models_have_the_papers_sizes(tie, reg):
+    model = LSTMLanguageModel(LMConfig(tie=tie, projection_reg=reg, vocab_size=10000))
+    assert abs(count_unique(model) - PAPER_SIZES[tie, reg]) / PAPER_SIZES[tie, reg] < 0.01
+    matrices = dict(model.embeddings.matrices.items())
+    if tie == "all":
+        assert len(matrices) == 1
+        assert model.embeddings.weight("decoder_input") is model.embeddings.weight("output")
+    else:
+        assert len(matrices) == 2
+    assert (model.embeddings.projection is not None) == (reg > 0)
+
+
+def test_tying_needs_equal_embedding_and_hidden_sizes():
+    with pytest.raises(UserError, match="emb_dim == hidden_dim"):
+        LSTMLanguageModel(LMConfig(tie="all", emb_dim=100, hidden_dim=200, vocab_size=50))
+    assert count_unique(LSTMLanguageModel(LMConfig(tie="none", emb_dim=100, hidden_dim=200, vocab_size=50)))
+
+
+@pytest.fixture(scope="module")
+def ptb_slice(tmp_path_factory, corpora) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ptb")
+    files = {}
+    for split, n in (("train", 2000), ("valid", 200), ("test", 200)):
+        lines = list(read_lines(corpora / "ptb" / f"ptb.{split}.txt.gz"))[:n]
+        files[split] = write_lines(root / f"{split}.txt", lines)
+    return files
+
+
+def lm_config(tmp_path: Path, ptb_slice: dict, **overrides) -> Path:
+    values = {
+        "train_text": str(ptb_slice["train"]),
+        "valid_text": str(ptb_slice["valid"]),
+        "tie": "all",
+        "emb_dim": 48,
+        "hidden_dim": 48,
+        "layers": 2,
+        "bptt": 20,
+        "batch_size": 20,
+        "optimizer": "sgd",
+        "lr": 1.0,
+        "schedule": "epoch_decay",
+        "lr_decay": 0.5,
+        "decay_start": 1,
+        "clip_norm": 5.0,
+        "label_smoothing": 0.0,
+        "max_epochs": 2,
+        "valid_every": 0,
+        "valid_metric": "ppl",
+        "save_dir": str(tmp_path / "run"),
+        "log_every": 10,
+        "threads": 1,
+        **overrides,
+    }
+    path = tmp_path / f"{Path(values['save_dir']).name}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def make_trainer(config: Path) -> Trainer:
+    model_cfg, train_cfg, data_cfg = load_config(config, [], (LMConfig, TrainConfig, LMDataConfig))
+    return Trainer(partial(LanguageModelTask, data_cfg=data_cfg), model_cfg, train_cfg, log=lambda m: None)
+
+
+def test_the_state_is_carried_across_windows_and_detached(tmp_path, ptb_slice):
+    model_cfg, train_cfg, data_cfg = load_config(
+        lm_config(tmp_path, ptb_slice), [], (LMConfig, TrainConfig, LMDataConfig)
+    )
+    task = LanguageModelTask(model_cfg, train_cfg, DistInfo(), torch.device("cpu"), data_cfg)
+    model = task.build_model()
+    first, second = task.next_batch(), task.next_batch()
+    task.loss(model, first)
+    h, c = task.state
+    assert not h.requires_grad and h.grad_fn is None and c.grad_fn is None
+    carried = (h.clone(), c.clone())
+    loss, _, _ = task.loss(model, second)
+    loss.backward()  # the graph ends at the window border: this works without retain_graph
+    # The second window continued from the first: same logits as one pass over both windows.
+    with torch.no_grad():
+        both = torch.cat([first[0], second[0]], dim=1)
+        logits_both, _ = model(both, model.initial_state(20))
+        logits_second, _ = model(second[0], carried)
+    torch.testing.assert_close(logits_second, logits_both[:, first[0].size(1) :], atol=1e-5, rtol=1e-5)
+
+
+def test_a_small_lm_learns_a_ptb_slice_and_lm_eval_agrees(tmp_path, ptb_slice, capsys):
+    summary = make_trainer(lm_config(tmp_path, ptb_slice)).run()
+    assert summary["best"] < 450, summary  # a unigram model of PTB is near 700
+    valid = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    valid = [r for r in valid if r["type"] == "valid"]
+    assert [r["epoch"] for r in valid] == [2, 3]  # one validation per epoch
+    assert valid[1]["ppl"] < valid[0]["ppl"]
+    main(
+        [
+            "lm",
+            "eval",
+            str(tmp_path / "run" / "best.pt"),
+            "--text",
+            str(ptb_slice["valid"]),
+            "--batch-size",
+            "10",
+            "--bptt",
+            "20",
+            "--json",
+        ]
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert result["ppl"] == pytest.approx(summary["best"], rel=1e-3)
+
+
+def test_lm_training_resumes_exactly(tmp_path, ptb_slice):
+    config = lm_config(tmp_path, ptb_slice, valid_every=40, max_epochs=1, projection_reg=0.05)
+    reference_dir = tmp_path / "reference"
+    make_trainer(
+        lm_config(
+            tmp_path,
+            ptb_slice,
+            valid_every=40,
+            max_epochs=1,
+            projection_reg=0.05,
+            save_dir=str(reference_dir),
+        )
+    ).run()
+    trainer = make_trainer(config)
+
+    def kill(t):
+        if t.update == 55:
+            raise KeyboardInterrupt
+
+    trainer.after_update_hooks = [kill]
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    make_trainer(config).run()
+    a = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    b = load_checkpoint(reference_dir / "last.pt")["model"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_unknown_words_without_unk_name_the_file_and_line(tmp_path):
+    write_lines(tmp_path / "train.txt", ["a b c", "a b"])
+    write_lines(tmp_path / "test.txt", ["a b", "a zebra"])
+    vocab = WordVocabulary.from_text(tmp_path / "train.txt")
+    assert vocab.words[0] in ("<eos>", "a", "b") and len(vocab) == 4
+    with pytest.raises(UserError, match=r"test.txt:2: 'zebra' is not in the vocabulary"):
+        vocab.encode_file(tmp_path / "test.txt")
+    assert batchify(np.arange(10), 3).shape == (3, 3)
+
+
+def test_spearman_equals_scipy_on_a_hand_made_similarity_file(tmp_path):
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    words = ["cat", "dog", "car", "bus", "tree", "leaf", "sun", "moon"]
+    matrix = rng.normal(size=(len(words), 5))
+    pairs = [
+        ("cat", "dog", 9.0),
+        ("car", "bus", 8.5),
+        ("tree", "leaf", 8.5),
+        ("sun", "moon", 7.0),
+        ("cat", "car", 1.0),
+        ("dog", "sun", 2.0),
+        ("bus", "leaf", 1.0),
+        ("Moon", "Tree", 3.0),
+        ("cat", "unicorn", 5.0),
+    ]
+    path = tmp_path / "sim.txt"
+    path.write_text("".join(f"{a}\t{b}\t{s}\r\n" for a, b, s in pairs))
+    result = similarity_score(words, matrix, path)
+    unit = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+    index = {w: i for i, w in enumerate(words)}
+    used = [(a.lower(), b.lower(), s) for a, b, s in pairs if b != "unicorn"]
+    cosines = [unit[index[a]] @ unit[index[b]] for a, b, _ in used]
+    expected = spearmanr(cosines, [s for *_, s in used]).statistic
+    assert result["spearman"] == pytest.approx(expected, abs=1e-4)
+    assert result["pairs"] == 8 and result["skipped"] == 1
+    assert list(rank(np.array([3.0, 1.0, 3.0, 2.0]))) == [3.5, 1.0, 3.5, 2.0]
+    assert spearman(np.array([1, 2, 3]), np.array([3, 2, 1])) == pytest.approx(-1.0)
+
+
+def test_embeddings_command_exports_and_explains_untied_models(tmp_path, ptb_slice, capsys):
+    make_trainer(lm_config(tmp_path, ptb_slice, tie="none", max_epochs=1)).run()
+    ckpt = tmp_path / "run" / "best.pt"
+    payload = load_checkpoint(ckpt)
+    with pytest.raises(UserError, match="untied"):
+        embedding_matrix(payload, "tied")
+    words_in, inp = embedding_matrix(payload, "input")
+    words_out, out = embedding_matrix(payload, "output")
+    assert words_in == words_out and inp.shape == out.shape and not np.allclose(inp, out)
+    main(
+        [
+            "embeddings",
+            str(ckpt),
+            "--which",
+            "output",
+            "--export",
+            str(tmp_path / "vec.txt"),
+            "--neighbours",
+            "the",
+        ]
+    )
+    lines = (tmp_path / "vec.txt").read_text().splitlines()
+    assert lines[0] == f"{len(words_out)} 48" and len(lines) == len(words_out) + 1
+    assert lines[1].split()[0] == words_out[0] and len(lines[1].split()) == 49
+    assert capsys.readouterr().out.startswith("the: ")

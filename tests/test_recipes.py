@@ -1,0 +1,216 @@
+"""Recipes: configs differ only in tying; `compare` reports what runs wrote; the WMT recipes'
+data steps work against a local fake mirror of the official download URLs."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import io
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+from functools import partial
+from pathlib import Path
+
+import pytest
+import yaml
+from test_train import write_config
+
+from nmt_tie.compare import compare
+from nmt_tie.config import load_config
+from nmt_tie.data.fetch import load_manifest
+from nmt_tie.data.prepare import PrepareOptions, prepare
+from nmt_tie.data.text import read_lines
+from nmt_tie.training.metrics import read_log
+from nmt_tie.training.trainer import Trainer
+from nmt_tie.training.translation import TranslationTask
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+VARIANT_SETS = [
+    ("multi30k", "transformer"),
+    ("multi30k", "rnn"),
+    ("wmt15_en_de", "rnn"),
+    ("wmt14_en_fr", "rnn"),
+    ("wmt14_en_de_transformer", "transformer"),
+]
+
+
+@pytest.mark.parametrize("recipe, arch", VARIANT_SETS)
+def test_recipe_configs_differ_only_in_the_tying_key(recipe, arch):
+    configs = {}
+    for tie in ("none", "decoder", "all"):
+        path = RECIPES / recipe / f"{arch}-{tie}.yaml"
+        configs[tie] = yaml.safe_load(path.read_text())
+        load_config(path)  # every key is a valid one
+        assert configs[tie]["tie"] == tie and configs[tie]["arch"] == arch
+    for a, b in itertools.combinations(configs.values(), 2):
+        differing = {key for key in a.keys() | b.keys() if a.get(key) != b.get(key)}
+        assert differing == {"tie", "save_dir"}, differing
+        assert a["save_dir"].replace(a["tie"], "") == b["save_dir"].replace(b["tie"], "")
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, small_corpus) -> tuple[Path, list[Path]]:
+    root = tmp_path_factory.mktemp("compare")
+    data = root / "prep"
+    prepare(
+        PrepareOptions(
+            src="en",
+            tgt="de",
+            train=str(small_corpus / "train"),
+            valid=str(small_corpus / "valid"),
+            out=data,
+            vocab_size=500,
+        ),
+        log=lambda m: None,
+    )
+    runs = []
+    for tie in ("none", "all"):
+        config = write_config(root / f"{tie}.yaml", data, root / f"run-{tie}", tie=tie, max_updates=10)
+        Trainer(TranslationTask, *load_config(config), log=lambda m: None).run()
+        runs.append(root / f"run-{tie}")
+    scores = {
+        "bleu": {"score": 1.25, "signature": "x", "text": "x"},
+        "chrf": {"score": 9.5, "signature": "y", "text": "y"},
+    }
+    (runs[1] / "test.score.json").write_text(json.dumps(scores))
+    return root, runs
+
+
+def test_compare_writes_a_table_and_a_plot_with_the_runs_numbers(two_runs):
+    root, runs = two_runs
+    table = compare(runs, root / "report.md", root / "report.png")
+    assert (root / "report.md").read_text().count("| run-") == 2
+    png = (root / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines() if "| run-" in line
+    }
+    header = [h.strip("| ") for h in table.splitlines()[0].split(" | ")]
+    for run in runs:
+        row = dict(zip(header, [c.strip("| ") for c in rows[run.name]], strict=True))
+        valid = [r for r in read_log(run) if r["type"] == "valid"]
+        assert float(row["valid BLEU"]) == pytest.approx(max(r["bleu"] for r in valid), abs=0.005)
+        assert int(row["updates"]) == 10
+        assert float(row["checkpoint MB"]) == pytest.approx((run / "best.pt").stat().st_size / 1e6, abs=0.05)
+    none, tied = (dict(zip(header, [c.strip("| ") for c in rows[r.name]], strict=True)) for r in runs)
+    assert none["reduction"] == "0.0%" and float(tied["reduction"].rstrip("%")) > 30
+    assert int(tied["params"].replace(",", "")) < int(none["params"].replace(",", ""))
+    assert tied["test BLEU"] == "1.25" and tied["test chrF"] == "9.50" and none["test BLEU"] == "-"
+
+
+# --- the WMT recipes' data steps against a fake mirror ---------------------------------------
+
+
+def sgm(lines: list[str], setid: str) -> bytes:
+    segs = "".join(f'<seg id="{i}">{line}</seg>\n' for i, line in enumerate(lines, start=1))
+    head = f'<srcset setid="{setid}">\n<doc docid="d1" genre="news" origlang="en">\n'
+    return (head + segs + "</doc>\n</srcset>\n").encode()
+
+
+def add_archive(path: Path, members: dict[str, bytes], kind: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz" if kind == "tgz" else "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture()
+def mirror(tmp_path):
+    root = tmp_path / "mirror"
+    root.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize(
+    "recipe, corpus",
+    [
+        ("wmt15_en_de", "wmt15_en_de"),
+        ("wmt14_en_fr", "wmt14_en_fr"),
+        ("wmt14_en_de_transformer", "wmt14_en_de"),
+    ],
+)
+def test_wmt_recipe_data_step_with_a_fake_mirror(recipe, corpus, tmp_path, mirror, corpora):
+    from urllib.parse import urlparse
+
+    from sacrebleu.dataset import DATASETS
+
+    root, url = mirror
+    manifest = load_manifest()
+    entry = manifest[corpus]
+    src, tgt = entry["langs"]
+    # Real sentences stand in for the corpora: newstest2009-2012 as "training data".
+    news = {
+        lang: [
+            line
+            for year in (2009, 2010, 2011, 2012)
+            for line in read_lines(corpora / "wmt" / f"{src}-{tgt}" / f"newstest{year}.{lang}.gz")
+        ]
+        for lang in (src, tgt)
+    }
+    downloads = entry["downloads"]
+    per_archive = len(news[src]) // len(downloads)
+    for i, item in enumerate(downloads):
+        members = {}
+        for lang in (src, tgt):
+            name = entry["splits"]["train"][lang][i]
+            text = "".join(x + "\n" for x in news[lang][i * per_archive : (i + 1) * per_archive]).encode()
+            members[f"training/{name}"] = gzip.compress(text) if name.endswith(".gz") else text
+        parsed = urlparse(item["url"])
+        add_archive(root / parsed.netloc / parsed.path.lstrip("/"), members, item.get("unpack", "tgz"))
+    expected_tests = {}
+    for split, spec in entry["test_sets"].items():
+        dataset = DATASETS[spec["sacrebleu"]]
+        files = dataset.langpairs[f"{src}-{tgt}"]
+        year = 2013 if split == "newstest2013" else 2014
+        lines = {
+            lang: list(read_lines(corpora / "wmt" / f"{src}-{tgt}" / f"newstest{year}.{lang}.gz"))[:500]
+            for lang in (src, tgt)
+        }
+        members = {files[0]: sgm(lines[src], split), files[1]: sgm(lines[tgt], split)}
+        parsed = urlparse(dataset.data[0])
+        spec["md5"] = [add_archive(root / parsed.netloc / parsed.path.lstrip("/"), members, "tgz")]
+        expected_tests[split] = lines
+    test_manifest = tmp_path / "corpora.yaml"
+    test_manifest.write_text(yaml.safe_dump(manifest))
+
+    env = {
+        **os.environ,
+        "NMT_TIE_MANIFEST": str(test_manifest),
+        "MIRROR": url,
+        "CORPORA": str(tmp_path / "corpora"),
+        "RUNS": str(tmp_path / "runs"),
+        "VOCAB": "1000",
+        "NMT_TIE": f"{sys.executable} -m nmt_tie",
+    }
+    result = subprocess.run(
+        ["bash", str(RECIPES / recipe / "run.sh"), "data"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    stats = json.loads((tmp_path / "runs" / "data" / "stats.json").read_text())
+    assert stats["joint"] and stats["vocab_size"][src] == 1000
+    assert stats["splits"]["train"]["read"] == per_archive * len(downloads)
+    assert stats["splits"]["valid"]["read"] == 500
+    for split, lines in expected_tests.items():
+        if split == "newstest2013":
+            continue
+        assert stats["splits"][split]["read"] == 500
+        fetched = list(read_lines(tmp_path / "corpora" / corpus / f"{split}.{tgt}"))
+        assert fetched == [" ".join(x.split()) for x in lines[tgt]]  # sacrebleu normalizes spaces
