@@ -28,7 +28,7 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/python recipes/multi30k/run.py --pair en-de --demo
+	$(BIN)/python recipes/multi30k/run.py --demo --runs runs/demo
 
 clean:
 	rm -rf $(VENV) runs

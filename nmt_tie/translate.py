@@ -129,42 +129,52 @@ class Translator:
         return out
 
 
-def line_batches(fd: int, name: str, max_lines: int) -> Iterator[tuple[int, list[str]]]:
-    """(first line number, lines) from a file descriptor: full buffers from files, whatever
-    has arrived from a pipe or terminal. Invalid UTF-8 stops with file:line, after the lines
-    before it have been handed out."""
+def _decoded_batches(raw_lines, name: str, max_lines: int, flush_on_pause: bool = False):
+    """(first line number, lines) batches of at most `max_lines` decoded lines.
+
+    `raw_lines` may yield None for a pause in the input (nothing more waiting in a pipe):
+    with `flush_on_pause`, whatever has arrived is handed out then. Invalid UTF-8 stops with
+    file:line, after the lines before it have been handed out.
+    """
     pending: list[str] = []
-    first = 1
-    lineno = 0
-    tail = b""
-    while True:
-        if pending and (len(pending) >= max_lines or not _readable_now(fd)):
-            yield first, pending
-            first += len(pending)
-            pending = []
-            continue
-        chunk = os.read(fd, 1 << 16)
-        if not chunk:
-            break
-        *complete, tail = (tail + chunk).split(b"\n")
-        for raw in complete:
+    first, lineno = 1, 0
+    for raw in raw_lines:
+        if raw is not None:
             lineno += 1
             try:
                 pending.append(decode_line(raw, name, lineno))
             except UserError:
                 if pending:
-                    yield first, pending
+                    yield first, pending  # translate what came before, then stop
                 raise
-    if tail:
-        lineno += 1
-        try:
-            pending.append(decode_line(tail, name, lineno))
-        except UserError:
-            if pending:
-                yield first, pending
-            raise
+        if pending and (len(pending) >= max_lines or (raw is None and flush_on_pause)):
+            yield first, pending
+            first += len(pending)
+            pending = []
     if pending:
         yield first, pending
+
+
+def _fd_lines(fd: int):
+    """Raw lines from a file descriptor, with None whenever no more input is waiting."""
+    tail = b""
+    while True:
+        if not _readable_now(fd):
+            yield None
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        *complete, tail = (tail + chunk).split(b"\n")
+        yield from complete
+    if tail:
+        yield tail
+
+
+def line_batches(fd: int, name: str, max_lines: int) -> Iterator[tuple[int, list[str]]]:
+    """(first line number, lines) from a file descriptor: full buffers from files, whatever
+    has arrived from a pipe or terminal. Invalid UTF-8 stops with file:line, after the lines
+    before it have been handed out."""
+    return _decoded_batches(_fd_lines(fd), name, max_lines, flush_on_pause=True)
 
 
 def _readable_now(fd: int) -> bool:
@@ -176,20 +186,7 @@ def _readable_now(fd: int) -> bool:
 
 def gzip_line_batches(path: str, max_lines: int) -> Iterator[tuple[int, list[str]]]:
     with gzip.open(path, "rb") as handle:
-        pending, first = [], 1
-        for lineno, raw in enumerate(handle, start=1):
-            try:
-                pending.append(decode_line(raw, path, lineno))
-            except UserError:
-                if pending:
-                    yield first, pending
-                raise
-            if len(pending) == max_lines:
-                yield first, pending
-                first += len(pending)
-                pending = []
-        if pending:
-            yield first, pending
+        yield from _decoded_batches((raw.rstrip(b"\n") for raw in handle), path, max_lines)
 
 
 def translate_stream(

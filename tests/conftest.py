@@ -45,3 +45,28 @@ def small_corpus(tmp_path_factory, multi30k) -> Path:
         for lang in ("en", "de"):
             write_lines(root / f"{split}.{lang}", subset(multi30k, source_split, lang, n))
     return root
+
+
+def prepare_small(small_corpus: Path, out: Path, **options) -> Path:
+    """Prepare the small Multi30k subset (joint BPE of 500 pieces unless told otherwise)."""
+    from nmt_tie.data.prepare import PrepareOptions, prepare
+
+    settings = {"vocab_size": 500, **options}
+    train, valid = str(small_corpus / "train"), str(small_corpus / "valid")
+    prepare(
+        PrepareOptions(src="en", tgt="de", train=train, valid=valid, out=out, **settings), log=lambda m: None
+    )
+    return out
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run `nmt-tie ARGV` in-process: (exit code, stdout, stderr)."""
+    from nmt_tie.cli import main
+
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -4,27 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import prepare_small
 
 from nmt_tie.data.batching import ParallelData, TokenBucketSampler
-from nmt_tie.data.prepare import PreparedData, PrepareOptions, prepare
+from nmt_tie.data.prepare import PreparedData
 from nmt_tie.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from nmt_tie.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def train_data(tmp_path_factory, small_corpus) -> ParallelData:
-    out = tmp_path_factory.mktemp("batching") / "prep"
-    prepare(
-        PrepareOptions(
-            src="en",
-            tgt="de",
-            train=str(small_corpus / "train"),
-            valid=str(small_corpus / "valid"),
-            out=out,
-            vocab_size=1000,
-        ),
-        log=lambda m: None,
-    )
+    out = prepare_small(small_corpus, tmp_path_factory.mktemp("batching") / "prep", vocab_size=1000)
     return ParallelData(PreparedData(out), "train")
 
 

@@ -140,22 +140,12 @@ def test_tying_errors_say_what_to_change():
 
 
 def test_equal_sized_separate_vocabularies_never_tie(tmp_path, small_corpus):
-    from nmt_tie.data.prepare import PreparedData, PrepareOptions, prepare
+    from conftest import prepare_small
+
+    from nmt_tie.data.prepare import PreparedData
     from nmt_tie.model.seq2seq import configure_for_data
 
-    out = tmp_path / "separate"
-    prepare(
-        PrepareOptions(
-            src="en",
-            tgt="de",
-            train=str(small_corpus / "train"),
-            valid=str(small_corpus / "valid"),
-            out=out,
-            vocab_size=600,
-            joint=False,
-        ),
-        log=lambda m: None,
-    )
+    out = prepare_small(small_corpus, tmp_path / "separate", vocab_size=600, joint=False)
     config = configure_for_data(tiny_config("transformer", "all"), PreparedData(out))
     assert config.src_vocab_size == config.tgt_vocab_size == 600 and not config.shared_vocab
     with pytest.raises(UserError, match="pieces differ"):

@@ -7,22 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_lines
+from conftest import run_cli, write_lines
 
-from nmt_tie.cli import main
 from nmt_tie.data.prepare import PreparedData, PrepareOptions, prepare
 from nmt_tie.data.text import read_lines
 from nmt_tie.errors import UserError
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def options(small_corpus: Path, out: Path, **kwargs) -> PrepareOptions:

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import prepare_small
 from test_train import write_config
 
 from nmt_tie.compare import compare
 from nmt_tie.config import load_config
 from nmt_tie.data.fetch import load_manifest
-from nmt_tie.data.prepare import PrepareOptions, prepare
 from nmt_tie.data.text import read_lines
 from nmt_tie.training.metrics import read_log
 from nmt_tie.training.trainer import Trainer
@@ -58,17 +58,7 @@ def test_recipe_configs_differ_only_in_the_tying_key(recipe, arch):
 def two_runs(tmp_path_factory, small_corpus) -> tuple[Path, list[Path]]:
     root = tmp_path_factory.mktemp("compare")
     data = root / "prep"
-    prepare(
-        PrepareOptions(
-            src="en",
-            tgt="de",
-            train=str(small_corpus / "train"),
-            valid=str(small_corpus / "valid"),
-            out=data,
-            vocab_size=500,
-        ),
-        log=lambda m: None,
-    )
+    prepare_small(small_corpus, data)
     runs = []
     for tie in ("none", "all"):
         config = write_config(root / f"{tie}.yaml", data, root / f"run-{tie}", tie=tie, max_updates=10)

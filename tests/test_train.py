@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import prepare_small
 
 from nmt_tie.checkpoint import load_checkpoint, load_model
 from nmt_tie.cli import main
@@ -46,17 +47,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, small_corpus) -> Path:
     out = tmp_path_factory.mktemp("train") / "prep"
-    prepare(
-        PrepareOptions(
-            src="en",
-            tgt="de",
-            train=str(small_corpus / "train"),
-            valid=str(small_corpus / "valid"),
-            out=out,
-            vocab_size=500,
-        ),
-        log=lambda m: None,
-    )
+    prepare_small(small_corpus, out)
     return out
 
 

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_lines
+from conftest import prepare_small, run_cli, write_lines
 from test_model import tiny_config
 
 from nmt_tie.checkpoint import average_checkpoints, load_checkpoint, load_model, save_atomic
-from nmt_tie.cli import main
-from nmt_tie.data.prepare import PreparedData, PrepareOptions, prepare
+from nmt_tie.data.prepare import PreparedData
 from nmt_tie.data.tokenizer import BOS_ID, EOS_ID
 from nmt_tie.evaluate import score
 from nmt_tie.model.seq2seq import EncoderDecoder, build_model, configure_for_data
@@ -25,16 +24,6 @@ from nmt_tie.search import Ensemble, beam_search, greedy_search, max_lengths
 from nmt_tie.training.trainer import Trainer
 from nmt_tie.training.translation import TranslationTask
 from nmt_tie.translate import SearchOptions, Translator
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("arch", ["rnn", "transformer"])
@@ -115,17 +104,7 @@ def checkpoints(tmp_path_factory, small_corpus) -> tuple[Path, Path, Path]:
 
     root = tmp_path_factory.mktemp("translate")
     data = root / "prep"
-    prepare(
-        PrepareOptions(
-            src="en",
-            tgt="de",
-            train=str(small_corpus / "train"),
-            valid=str(small_corpus / "valid"),
-            out=data,
-            vocab_size=500,
-        ),
-        log=lambda m: None,
-    )
+    prepare_small(small_corpus, data)
     config = write_config(root / "c.yaml", data, root / "run", save_every=5, max_updates=10)
     Trainer(TranslationTask, *load_config(config), log=lambda m: None).run()
     return root / "run" / "checkpoint_5.pt", root / "run" / "checkpoint_10.pt", data
@@ -226,17 +205,7 @@ def test_invalid_utf8_stops_with_file_and_line_after_translating_what_came_befor
 def test_ensemble_members_must_share_a_vocabulary(checkpoints, tmp_path, small_corpus):
     ckpt, _, data = checkpoints
     other_data = tmp_path / "other"
-    prepare(
-        PrepareOptions(
-            src="en",
-            tgt="de",
-            train=str(small_corpus / "train"),
-            valid=str(small_corpus / "valid"),
-            out=other_data,
-            vocab_size=700,
-        ),
-        log=lambda m: None,
-    )
+    prepare_small(small_corpus, other_data, vocab_size=700)
     from nmt_tie.checkpoint import model_payload, vocab_payload
 
     prepared = PreparedData(other_data)

@@ -30,6 +30,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,23 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+@dataclass
+class LogWindow:
+    """Sums over the updates since the last training log record."""
+
+    loss: float = 0.0
+    nll: float = 0.0
+    tokens: float = 0.0
+    updates: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, nll: float, tokens: float) -> None:
+        self.loss += loss
+        self.nll += nll
+        self.tokens += tokens
+        self.updates += 1
 
 
 class Trainer:
@@ -319,33 +337,18 @@ class Trainer:
         bar = None
         if self.dist.is_main:
             bar = progress_bar("train", total=cfg.max_updates or None, unit="upd", initial=self.update)
-        window = {
-            "loss": 0.0,
-            "nll": 0.0,
-            "tokens": 0.0,
-            "updates": 0,
-            "start": time.perf_counter(),
-        }
+        window = LogWindow()
         reason = self._stop_reason()
         try:
             while reason is None:
                 epoch_before = self.task.epoch
                 loss_sum, nll_sum, tokens, grad_norm = self.train_step()
-                window["loss"] += loss_sum
-                window["nll"] += nll_sum
-                window["tokens"] += tokens
-                window["updates"] += 1
+                window.add(loss_sum, nll_sum, tokens)
                 if bar is not None:
                     bar.update(1)
                 if self.update % cfg.log_every == 0:
                     self._log_train(window, grad_norm, bar)
-                    window = {
-                        "loss": 0.0,
-                        "nll": 0.0,
-                        "tokens": 0.0,
-                        "updates": 0,
-                        "start": time.perf_counter(),
-                    }
+                    window = LogWindow()
                 reason = self._stop_reason()
                 epoch_ended = self.task.epoch != epoch_before
                 due = self.update % cfg.valid_every == 0 if cfg.valid_every > 0 else epoch_ended
@@ -369,18 +372,18 @@ class Trainer:
         distributed.shutdown(self.dist)
         return summary
 
-    def _log_train(self, window: dict, grad_norm: float | None, bar) -> None:
-        seconds = max(1e-9, time.perf_counter() - window["start"])
-        tokens = max(1.0, window["tokens"])
+    def _log_train(self, window: LogWindow, grad_norm: float | None, bar) -> None:
+        seconds = max(1e-9, time.perf_counter() - window.start)
+        tokens = max(1.0, window.tokens)
         record = {
             "update": self.update,
             "epoch": self.task.epoch,
-            "loss": round(window["loss"] / tokens, 4),
-            "nll": round(window["nll"] / tokens, 4),
-            "ppl": round(math.exp(min(50.0, window["nll"] / tokens)), 2),
+            "loss": round(window.loss / tokens, 4),
+            "nll": round(window.nll / tokens, 4),
+            "ppl": round(math.exp(min(50.0, window.nll / tokens)), 2),
             "lr": self.schedule.lr,
-            "tokens_per_s": round(window["tokens"] / seconds, 1),
-            "updates_per_s": round(window["updates"] / seconds, 3),
+            "tokens_per_s": round(window.tokens / seconds, 1),
+            "updates_per_s": round(window.updates / seconds, 3),
             "elapsed": round(self.elapsed(), 1),
         }
         if grad_norm is not None:
