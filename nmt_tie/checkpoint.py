@@ -97,6 +97,8 @@ def load_model(payload: dict, device: str | torch.device = "cpu"):
     """Rebuild the model of a checkpoint dict (tying restored by construction)."""
     from nmt_tie.model.seq2seq import build_model
 
+    if payload.get("kind") == "lm":
+        raise UserError("this is a language-model checkpoint: use `nmt-tie lm eval` or `nmt-tie embeddings`")
     config = model_config_of(payload)
     model = build_model(config)
     missing, unexpected = model.load_state_dict(payload["model"], strict=False)

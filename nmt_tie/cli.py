@@ -157,7 +157,12 @@ def _run_params(args) -> None:
         from nmt_tie.checkpoint import load_checkpoint, model_config_of
 
         payload = load_checkpoint(args.target)
-        config = model_config_of(payload)
+        if payload.get("kind") == "lm":
+            from nmt_tie.model.lstm_lm import LMConfig
+
+            config = LMConfig(**payload["model_config"])
+        else:
+            config = model_config_of(payload)
         checkpoint, state_dict = args.target, payload["model"]
     elif args.target is not None:
         from nmt_tie.config import load_config
@@ -269,7 +274,8 @@ def _add_translate(sub) -> None:
 
 
 def _run_translate(args) -> None:
-    from nmt_tie.translate import SearchOptions, Translator, resolve_device, translate_stream
+    from nmt_tie.devices import resolve_device
+    from nmt_tie.translate import SearchOptions, Translator, translate_stream
 
     if args.beam < 1 or args.nbest < 1 or args.nbest > args.beam:
         raise UserError("need 1 <= --nbest <= --beam")

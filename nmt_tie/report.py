@@ -52,8 +52,9 @@ def breakdown(model: EncoderDecoder) -> list[tuple[str, int]]:
     rows.append(("output bias", embeddings.output_bias.numel()))
     if embeddings.projection is not None:
         rows.append(("projection P", embeddings.projection.numel()))
-    rows.append(("encoder (everything else)", count_unique(model.encoder)))
-    rows.append(("decoder (everything else)", count_unique(model.decoder)))
+    for name, child in model.named_children():
+        if name != "embeddings":
+            rows.append((f"{name} (everything else)", count_unique(child)))
     return rows
 
 
@@ -66,10 +67,14 @@ def shared_roles(model: EncoderDecoder) -> list[str]:
     ]
 
 
-def meta_model(config: ModelConfig) -> EncoderDecoder:
-    """Build without allocating memory: enough to count a 168M-parameter model anywhere."""
+def meta_model(config):
+    """Build without allocating memory: enough to count a 168M-parameter model anywhere.
+
+    `config` is a ModelConfig (translation) or an LMConfig (language model)."""
+    from nmt_tie.model.lstm_lm import LMConfig, LSTMLanguageModel
+
     with torch.device("meta"):
-        return build_model(config)
+        return LSTMLanguageModel(config) if isinstance(config, LMConfig) else build_model(config)
 
 
 def mode_config(config: ModelConfig, tie: str, vocab: dict[str, int] | None = None) -> ModelConfig:
@@ -79,7 +84,7 @@ def mode_config(config: ModelConfig, tie: str, vocab: dict[str, int] | None = No
     models use the separate ones when given, src-tgt and three-way tied ones need the joint.
     """
     changes: dict = {"tie": tie}
-    if vocab:
+    if vocab and isinstance(config, ModelConfig):
         joint = vocab.get("joint")
         separate = vocab.get("src") and vocab.get("tgt")
         if tie in ("src-tgt", "all") or not separate:
@@ -102,11 +107,11 @@ def params_by_mode(config: ModelConfig, modes: list[str], vocab: dict[str, int] 
 def format_params(model: EncoderDecoder, untied: int, checkpoint: Path | None = None, state_dict=None) -> str:
     config = model.config
     total = count_unique(model)
-    lines = [
-        f"arch {config.arch}, tie {config.tie}, "
-        f"vocabulary {config.src_vocab_size} -> {config.tgt_vocab_size}",
-        "",
-    ]
+    if isinstance(config, ModelConfig):
+        vocabulary = f"vocabulary {config.src_vocab_size} -> {config.tgt_vocab_size}"
+    else:
+        vocabulary = f"vocabulary {config.vocab_size}"
+    lines = [f"arch {config.arch}, tie {config.tie}, {vocabulary}", ""]
     width = 60
     for label, count in breakdown(model):
         lines.append(f"{label:<{width}}{count:>14,}")

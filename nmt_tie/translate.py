@@ -14,7 +14,7 @@ import os
 import select
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +23,7 @@ from nmt_tie.checkpoint import load_checkpoint, load_model, processors_from
 from nmt_tie.data.batching import pad_sequences
 from nmt_tie.data.text import decode_line
 from nmt_tie.data.tokenizer import EOS_ID, TextProcessor
+from nmt_tie.devices import autocast_context
 from nmt_tie.errors import UserError
 from nmt_tie.search import Ensemble, beam_search, greedy_search, max_lengths
 
@@ -36,24 +37,6 @@ class SearchOptions:
     nbest: int = 1
     max_tokens: int = 4096  # source tokens per batch
     max_src_len: int = 256  # longer inputs are truncated (with a warning)
-
-
-def autocast_context(device: torch.device, dtype: str):
-    if dtype == "fp32":
-        return nullcontext()
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    if torch_dtype == torch.float16 and device.type != "cuda":
-        raise UserError("dtype fp16 needs a CUDA device; use bf16 on the CPU")
-    return torch.autocast(device_type=device.type, dtype=torch_dtype)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name}: CUDA is not available here; use --device cpu")
-    return device
 
 
 class Translator:
@@ -77,6 +60,9 @@ class Translator:
     @classmethod
     def from_checkpoints(cls, paths: list, options=None, device="cpu", dtype="fp32", warn=None):
         payloads = [load_checkpoint(p) for p in paths]
+        for path, payload in zip(paths, payloads, strict=True):
+            if payload.get("kind") == "lm":
+                raise UserError(f"{path} is a language-model checkpoint: it does not translate")
         first = payloads[0]["vocab"]
         for path, payload in zip(paths[1:], payloads[1:], strict=True):
             vocab = payload["vocab"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import write_lines
+from conftest import run_cli, write_lines
 
 from nmt_tie.checkpoint import load_checkpoint
 from nmt_tie.cli import main
@@ -232,3 +232,10 @@ def test_embeddings_command_exports_and_explains_untied_models(tmp_path, ptb_sli
     assert lines[0] == f"{len(words_out)} 48" and len(lines) == len(words_out) + 1
     assert lines[1].split()[0] == words_out[0] and len(lines[1].split()) == 49
     assert capsys.readouterr().out.startswith("the: ")
+    # The other commands know a language-model checkpoint when they see one.
+    code, out, err = run_cli(capsys, "params", str(ckpt), "--json")
+    assert code == 0 and json.loads(out)["params"] == count_unique(
+        LSTMLanguageModel(LMConfig(tie="none", emb_dim=48, hidden_dim=48, vocab_size=len(words_out)))
+    )
+    code, _, err = run_cli(capsys, "translate", "-c", str(ckpt), "-i", str(ptb_slice["valid"]))
+    assert code == 2 and "language-model checkpoint" in err

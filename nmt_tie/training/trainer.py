@@ -40,12 +40,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nmt_tie.checkpoint import FORMAT, load_checkpoint, save_atomic
 from nmt_tie.config import TrainConfig, dump_configs, to_dict
+from nmt_tie.devices import autocast_context, resolve_device
 from nmt_tie.errors import UserError
 from nmt_tie.progress import progress_bar
 from nmt_tie.training import distributed
 from nmt_tie.training.metrics import MetricsLog
 from nmt_tie.training.optim import LRSchedule, build_optimizer
-from nmt_tie.translate import autocast_context, resolve_device
 
 HIGHER_IS_BETTER = {"bleu": True, "chrf": True, "loss": False, "ppl": False}
 
@@ -108,8 +108,6 @@ class Trainer:
         self.device = requested
         if train_cfg.threads > 0:
             torch.set_num_threads(train_cfg.threads)
-        if train_cfg.dtype not in ("fp32", "bf16", "fp16"):
-            raise UserError(f"dtype: {train_cfg.dtype!r} is not one of fp32, bf16, fp16")
         if train_cfg.valid_metric not in HIGHER_IS_BETTER:
             raise UserError(f"valid_metric: {train_cfg.valid_metric!r} is not one of bleu, chrf, loss, ppl")
         self.autocast = autocast_context(self.device, train_cfg.dtype)

@@ -12,6 +12,7 @@ from nmt_tie.config import ModelConfig, TrainConfig
 from nmt_tie.data.batching import Batch, ParallelData, TokenBucketSampler
 from nmt_tie.data.prepare import PreparedData
 from nmt_tie.data.tokenizer import PAD_ID
+from nmt_tie.errors import UserError
 from nmt_tie.evaluate import score
 from nmt_tie.model.seq2seq import build_model, configure_for_data
 from nmt_tie.training.distributed import DistInfo
@@ -29,8 +30,6 @@ def sequence_loss(model, batch: Batch, label_smoothing: float):
 
 class TranslationTask:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, dist: DistInfo, device: torch.device):
-        from nmt_tie.errors import UserError
-
         if not cfg.data:
             raise UserError("`data` is not set: give the prepared data directory (data=DIR)")
         self.cfg = cfg
