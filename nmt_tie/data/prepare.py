@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
@@ -26,7 +27,7 @@ from nmt_tie.errors import UserError
 from nmt_tie.progress import progress
 
 FORMAT_VERSION = 1
-ENCODE_CHUNK = 50_000
+CHUNK_LINES = 100_000  # lines held in memory at once, whatever the corpus size
 
 
 @dataclass
@@ -78,53 +79,94 @@ def _moses_worker(lines: list[str]) -> list[str]:
     return [_WORKER_MOSES.tokenize(line) for line in lines]
 
 
-def _chunks(lines: list[str], size: int) -> Iterator[list[str]]:
-    for start in range(0, len(lines), size):
-        yield lines[start : start + size]
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
-def pretokenize(lines: list[str], lang: str, threads: int) -> list[str]:
-    """Moses normalization + tokenization, in parallel worker processes for large inputs."""
-    if threads <= 1 or len(lines) < 20_000:
-        steps = MosesSteps(lang)
-        return [steps.tokenize(line) for line in lines]
-    with Pool(threads, initializer=_moses_worker_init, initargs=(lang,)) as pool:
-        return [tok for chunk in pool.imap(_moses_worker, _chunks(lines, 2000)) for tok in chunk]
+class Pretokenizer:
+    """Moses normalization + tokenization of one language, in worker processes for big inputs."""
+
+    def __init__(self, lang: str, threads: int):
+        self.lang = lang
+        self.threads = threads
+        self._steps = MosesSteps(lang)
+        self._pool = None
+
+    def __call__(self, lines: list[str]) -> list[str]:
+        if self.threads <= 1 or len(lines) < 20_000:
+            return [self._steps.tokenize(line) for line in lines]
+        if self._pool is None:
+            self._pool = Pool(self.threads, initializer=_moses_worker_init, initargs=(self.lang,))
+        return [tok for part in self._pool.imap(_moses_worker, _chunks(lines, 2000)) for tok in part]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
 
 
-def _write_ids(out_dir: Path, split: str, lang: str, sentences: list[np.ndarray], vocab_size: int):
-    dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
-    lengths = np.array([len(s) for s in sentences], dtype=np.int64)
-    offsets = np.zeros(len(sentences) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.concatenate(sentences).astype(dtype) if sentences else np.zeros(0, dtype)
-    np.save(out_dir / f"{split}.{lang}.ids.npy", flat)
-    np.save(out_dir / f"{split}.{lang}.offsets.npy", offsets)
+def _pair_chunks(src_path: Path, tgt_path: Path, counts: dict, desc: str) -> Iterator[tuple[list, list]]:
+    """Non-empty line pairs in chunks; empty ones are counted in counts["empty"]."""
+    src_lines: list[str] = []
+    tgt_lines: list[str] = []
+    for _, src, tgt in progress(read_parallel(src_path, tgt_path), desc=desc, unit="lines"):
+        counts["read"] += 1
+        if not src.strip() or not tgt.strip():
+            counts["empty"] += 1
+            continue
+        src_lines.append(src)
+        tgt_lines.append(tgt)
+        if len(src_lines) == CHUNK_LINES:
+            yield src_lines, tgt_lines
+            src_lines, tgt_lines = [], []
+    if src_lines:
+        yield src_lines, tgt_lines
 
 
-class _SplitReader:
-    """Reads one split's pairs, drops empty lines (counted), keeps the raw text."""
+def _text_chunks(path: Path, size: int = CHUNK_LINES) -> Iterator[list[str]]:
+    lines: list[str] = []
+    for line in read_lines(path):
+        lines.append(line)
+        if len(lines) == size:
+            yield lines
+            lines = []
+    if lines:
+        yield lines
 
-    def __init__(self, name: str, prefix: str, opts: PrepareOptions):
-        self.name = name
-        self.src_path = split_file(prefix, opts.src)
-        self.tgt_path = split_file(prefix, opts.tgt)
-        self.read = 0
-        self.dropped = {"empty": 0, "too_long": 0, "ratio": 0}
-        self.src_raw: list[str] = []
-        self.tgt_raw: list[str] = []
-        pairs = read_parallel(self.src_path, self.tgt_path)
-        for _, src, tgt in progress(pairs, desc=f"read {name}", unit="lines"):
-            self.read += 1
-            if not src.strip() or not tgt.strip():
-                self.dropped["empty"] += 1
-                continue
-            self.src_raw.append(src)
-            self.tgt_raw.append(tgt)
-        if not self.src_raw:
-            raise UserError(
-                f"{name} split is empty: no non-empty line pairs in {self.src_path} and {self.tgt_path}"
-            )
+
+class _IdWriter:
+    """Appends id sequences to a raw file, then turns it into a memory-mappable .npy."""
+
+    def __init__(self, path: Path, vocab_size: int):
+        self.path = path
+        self.dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+        self.raw = path.with_suffix(".raw")
+        self.raw.write_bytes(b"")
+        self.lengths: list[np.ndarray] = []
+
+    def write(self, sequences: list[np.ndarray]) -> None:
+        if sequences:
+            with open(self.raw, "ab") as handle:
+                np.concatenate(sequences).astype(self.dtype).tofile(handle)
+        self.lengths.append(np.array([len(s) for s in sequences], dtype=np.int64))
+
+    def finish(self, offsets_path: Path) -> int:
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        total = int(offsets[-1])
+        ids = np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype, shape=(total,))
+        step = 1 << 24
+        with open(self.raw, "rb") as raw:
+            for start in range(0, total, step):
+                block = np.fromfile(raw, dtype=self.dtype, count=min(step, total - start))
+                ids[start : start + len(block)] = block
+        ids.flush()
+        del ids
+        self.raw.unlink()
+        np.save(offsets_path, offsets)
+        return total
 
 
 def prepare(opts: PrepareOptions, log=print) -> dict:
@@ -201,74 +243,101 @@ def _replace_dir(new: Path, out: Path) -> None:
 
 def _prepare_into(tmp: Path, opts: PrepareOptions, splits: dict, started: float, log) -> dict:
     langs = (opts.src, opts.tgt)
-    readers = {name: _SplitReader(name, prefix, opts) for name, prefix in splits.items()}
+    work = tmp / "work"  # pre-tokenized text, removed at the end
+    work.mkdir()
+    pretokenizers = {lang: Pretokenizer(lang, opts.threads) for lang in langs} if opts.moses else {}
+    split_stats: dict[str, dict] = {}
+    try:
+        # Pass 1: read, drop empty lines, pre-tokenize; keep the raw text of valid/test splits.
+        for name, prefix in splits.items():
+            paths = {lang: split_file(prefix, lang) for lang in langs}
+            counts = {"read": 0, "empty": 0}
+            with ExitStack() as stack:
+                tokenized = {
+                    lang: stack.enter_context(text_writer(work / f"{name}.{lang}")) for lang in langs
+                }
+                raw = {}
+                if name != "train":
+                    raw = {
+                        lang: stack.enter_context(text_writer(tmp / f"{name}.{lang}.txt")) for lang in langs
+                    }
+                for chunk in _pair_chunks(paths[opts.src], paths[opts.tgt], counts, f"read {name}"):
+                    for lang, lines in zip(langs, chunk, strict=True):
+                        if lang in raw:
+                            raw[lang].writelines(line + "\n" for line in lines)
+                        lines = pretokenizers[lang](lines) if opts.moses else lines
+                        tokenized[lang].writelines(line + "\n" for line in lines)
+            if counts["read"] == counts["empty"]:
+                pair = f"{paths[opts.src]} and {paths[opts.tgt]}"
+                raise UserError(f"{name} split is empty: no non-empty line pairs in {pair}")
+            split_stats[name] = {
+                "files": {lang: str(path) for lang, path in paths.items()},
+                "read": counts["read"],
+                "kept": 0,
+                "dropped": {"empty": counts["empty"], "too_long": 0, "ratio": 0},
+                "tokens": {},
+            }
+    finally:
+        for pretokenizer in pretokenizers.values():
+            pretokenizer.close()
 
-    # Moses pre-tokenization (or the raw text itself).
-    tokenized: dict[str, dict[str, list[str]]] = {}
-    for name, reader in readers.items():
-        raw = {opts.src: reader.src_raw, opts.tgt: reader.tgt_raw}
-        tokenized[name] = {
-            lang: pretokenize(raw[lang], lang, opts.threads) if opts.moses else raw[lang] for lang in langs
-        }
+    # SentencePiece BPE: one joint model, or one per language (sampled from at most 10M lines).
+    def training_lines(*files: Path) -> Iterator[str]:
+        for path in files:
+            yield from read_lines(path)
 
-    # SentencePiece BPE: one joint model, or one per language.
-    train_text = tokenized["train"]
     if opts.joint:
         model = train_sentencepiece(
-            train_text[opts.src] + train_text[opts.tgt], opts.vocab_size, opts.threads
+            training_lines(work / f"train.{opts.src}", work / f"train.{opts.tgt}"),
+            opts.vocab_size,
+            opts.threads,
         )
         (tmp / "spm.model").write_bytes(model)
         models = {lang: model for lang in langs}
     else:
         models = {}
         for lang in langs:
-            models[lang] = train_sentencepiece(train_text[lang], opts.vocab_size, opts.threads)
+            models[lang] = train_sentencepiece(
+                training_lines(work / f"train.{lang}"), opts.vocab_size, opts.threads
+            )
             (tmp / f"spm.{lang}.model").write_bytes(models[lang])
     processors = {lang: TextProcessor(lang, models[lang], opts.moses) for lang in langs}
     for vocab_file, lang in _vocab_files(opts.joint, langs).items():
         (tmp / vocab_file).write_text("\n".join(processors[lang].vocab.pieces) + "\n")
 
-    split_stats = {}
-    piece_counts = {}
-    for name, reader in readers.items():
-        encoded = {
-            lang: [
-                np.asarray(ids)
-                for chunk in _chunks(tokenized[name][lang], ENCODE_CHUNK)
-                for ids in processors[lang].encode_pretokenized(chunk)
-            ]
-            for lang in langs
+    # Pass 2: encode in chunks, filter the training pairs by length, write memory-mappable ids.
+    piece_counts = {lang: np.zeros(len(processors[lang].vocab), dtype=np.int64) for lang in langs}
+    for name, stats in split_stats.items():
+        writers = {
+            lang: _IdWriter(tmp / f"{name}.{lang}.ids.npy", len(processors[lang].vocab)) for lang in langs
         }
-        keep = np.ones(len(encoded[opts.src]), dtype=bool)
-        if name == "train":
-            keep = _length_filter(encoded[opts.src], encoded[opts.tgt], opts, reader.dropped)
-        kept_idx = np.flatnonzero(keep)
-        tokens = {}
-        for lang in langs:
-            sentences = [encoded[lang][i] for i in kept_idx]
-            _write_ids(tmp, name, lang, sentences, len(processors[lang].vocab))
-            tokens[lang] = int(sum(len(s) for s in sentences))
+        chunks = zip(
+            _text_chunks(work / f"{name}.{opts.src}"), _text_chunks(work / f"{name}.{opts.tgt}"), strict=True
+        )
+        for src_lines, tgt_lines in chunks:
+            encoded = {
+                opts.src: [np.asarray(ids) for ids in processors[opts.src].encode_pretokenized(src_lines)],
+                opts.tgt: [np.asarray(ids) for ids in processors[opts.tgt].encode_pretokenized(tgt_lines)],
+            }
             if name == "train":
-                flat = np.concatenate(sentences)
-                piece_counts[lang] = np.bincount(flat, minlength=len(processors[lang].vocab))
-        if name != "train":
-            # The raw text of kept lines: references for BLEU, input for validation translation.
-            raws = {opts.src: reader.src_raw, opts.tgt: reader.tgt_raw}
+                keep = _length_filter(encoded[opts.src], encoded[opts.tgt], opts, stats["dropped"])
+                encoded = {
+                    lang: [s for s, k in zip(seqs, keep, strict=True) if k] for lang, seqs in encoded.items()
+                }
             for lang in langs:
-                with text_writer(tmp / f"{name}.{lang}.txt") as handle:
-                    handle.writelines(raws[lang][i] + "\n" for i in kept_idx)
-        split_stats[name] = {
-            "files": {opts.src: str(reader.src_path), opts.tgt: str(reader.tgt_path)},
-            "read": reader.read,
-            "kept": int(len(kept_idx)),
-            "dropped": dict(reader.dropped),
-            "tokens": tokens,
-        }
-        if name == "train" and len(kept_idx) == 0:
+                writers[lang].write(encoded[lang])
+                if name == "train" and encoded[lang]:
+                    flat = np.concatenate(encoded[lang])
+                    piece_counts[lang] += np.bincount(flat, minlength=len(piece_counts[lang]))
+            stats["kept"] += len(encoded[opts.src])
+        for lang in langs:
+            stats["tokens"][lang] = writers[lang].finish(tmp / f"{name}.{lang}.offsets.npy")
+        if name == "train" and stats["kept"] == 0:
             raise UserError(
                 f"every training pair was dropped by --max-len {opts.max_len} / --max-ratio "
-                f"{opts.max_ratio} ({reader.dropped}); relax the filters"
+                f"{opts.max_ratio} ({stats['dropped']}); relax the filters"
             )
+    shutil.rmtree(work)
 
     overlap = vocabulary_overlap(
         processors[opts.src].vocab.pieces,
