@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -148,8 +149,6 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if config_file.exists() and (self.run_dir / "last.pt").exists():
-                import yaml
-
                 previous = yaml.safe_load(config_file.read_text())
                 differs = [k for k, v in to_dict(self.model_cfg).items() if previous.get(k) != v]
                 if differs:
