@@ -51,8 +51,18 @@ def main() -> None:
     parser.add_argument("--size", default="small", choices=["small", "large"])
     parser.add_argument("--variants", default="none,all,none-pr,all-pr")
     parser.add_argument("--runs", type=Path, default=Path("runs/ptb"))
+    parser.add_argument("--report-only", action="store_true", help="print the table of finished runs")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
+    if args.report_only:
+        names = [f"{args.size}-{variant}" for variant in args.variants.split(",")]
+        rows = [
+            json.loads((args.runs / n / "results.json").read_text())
+            for n in names
+            if (args.runs / n / "results.json").exists()
+        ]
+        print(results_table(rows))
+        return
     ptb = data_root() / "ptb"
     texts = {split: ptb / f"ptb.{split}.txt.gz" for split in ("train", "valid", "test")}
     rows = []
@@ -135,7 +145,11 @@ def results_table(rows: list[dict]) -> str:
     ]
     for r in rows:
         label = LABELS.get(r["variant"].split("-", 1)[1], r["variant"])
+        tied = "-all" in r["variant"]  # one matrix: input and output are the same
         for which, scores in r["similarity"].items():
+            if tied and which == "input":
+                continue
+            which = "tied" if tied else which
             cells = " | ".join(
                 f"{scores[k]['spearman']:.3f}" if k in scores else "-"
                 for k in ("simlex999", "verb143", "men", "rw")
