@@ -146,11 +146,12 @@ def _add_params(sub) -> None:
 
 def _run_params(args) -> None:
     from nmt_tie import report
+    from nmt_tie.config import TIE_MODES
 
     modes = args.tie_modes.split(",") if args.tie_modes else None
     for mode in modes or []:
-        if mode not in report.TIE_MODES:
-            raise UserError(f"--tie-modes: {mode!r} is not one of {', '.join(report.TIE_MODES)}")
+        if mode not in TIE_MODES:
+            raise UserError(f"--tie-modes: {mode!r} is not one of {', '.join(TIE_MODES)}")
     vocab = None
     checkpoint = state_dict = None
     if args.target is not None and args.target.suffix in (".pt", ".ckpt"):

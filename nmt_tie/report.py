@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nmt_tie.config import TIE_MODES, ModelConfig
-from nmt_tie.model.embeddings import ROLES
+from nmt_tie.config import ModelConfig
 from nmt_tie.model.seq2seq import EncoderDecoder, build_model
 
 ROLE_NAMES = {
@@ -133,6 +132,3 @@ def format_modes(result: dict) -> str:
     for mode, entry in result.items():
         lines.append(f"{mode:<10}{entry['params']:>16,}{entry['reduction']:>12.1%}")
     return "\n".join(lines)
-
-
-__all__ = ["TIE_MODES", "ROLES", "breakdown", "count_unique", "params_by_mode", "format_params"]
