@@ -35,6 +35,10 @@ def run(*args: str) -> None:
     subprocess.run(command, check=True)
 
 
+def up_to_date(output: Path, source: Path) -> bool:
+    return output.exists() and source.exists() and output.stat().st_mtime > source.stat().st_mtime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -104,6 +108,10 @@ def main() -> None:
                 *args.overrides,
             )
             hypotheses = run_dir / f"{TEST_SET}.hyp"
+            score = run_dir / f"{TEST_SET}.score.json"
+            if up_to_date(score, run_dir / "best.pt"):
+                print(f"{score} is up to date: not translating again", flush=True)
+                continue
             run(
                 "translate",
                 "-c",
@@ -124,7 +132,7 @@ def main() -> None:
                 str(hypotheses),
                 str(split_file(multi30k / TEST_SET, tgt)),
                 "--out",
-                str(run_dir / f"{TEST_SET}.score.json"),
+                str(score),
             )
     report = args.runs / f"report-{args.pair}-{args.arch}.md"
     run("compare", *map(str, run_dirs), "-o", str(report), "--plot", str(report.with_suffix(".png")))

@@ -80,6 +80,11 @@ def main() -> None:
             *args.overrides,
         )
         best = run_dir / "best.pt"
+        results = run_dir / "results.json"
+        if results.exists() and results.stat().st_mtime > best.stat().st_mtime:
+            print(f"{results} is up to date: not evaluating again", flush=True)
+            rows.append(json.loads(results.read_text()))
+            continue
         test = json.loads(
             nmt_tie("lm", "eval", str(best), "--text", str(texts["test"]), "--json", capture=True)
         )
@@ -107,7 +112,7 @@ def main() -> None:
             "params": _params(best),
             "similarity": similarity,
         }
-        (run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        results.write_text(json.dumps(result, indent=2) + "\n")
         rows.append(result)
     table = results_table(rows)
     (args.runs / f"results-{args.size}.md").write_text(table + "\n")
