@@ -4,7 +4,7 @@ For each checkpoint (a small Transformer and a small RNN from the Multi30k recip
 (fp32, bf16) and search (greedy, beam 5), translates Multi30k test2016 (1,000 sentences) and
 prints sentences/s and output tokens/s (subwords including EOS; best of two passes, as this
 machine is shared). Then it runs `nmt-tie translate` on 100,000 lines read from a pipe and
-reports its peak resident memory next to the peak for 10,000 lines: streaming keeps it flat.
+reports its peak resident memory next to the peak for 10,000 lines, in fp32 and bf16.
 
     python recipes/benchmarks/translate_speed.py CHECKPOINT [CHECKPOINT ...] [--stream-lines 100000]
 """
@@ -47,8 +47,8 @@ def speed(checkpoint: Path, dtype: str, beam: int, lines: list[str]) -> dict:
     }
 
 
-def streaming_peak_rss(checkpoint: Path, lines: list[str], count: int) -> tuple[float, float]:
-    """(peak RSS in MB, seconds) of `nmt-tie translate` (greedy, bf16) on `count` piped lines."""
+def streaming_peak_rss(checkpoint: Path, lines: list[str], count: int, dtype: str) -> tuple[float, float]:
+    """(peak RSS in MB, seconds) of `nmt-tie translate` (greedy) on `count` piped lines."""
     command = [
         sys.executable,
         "-m",
@@ -59,7 +59,7 @@ def streaming_peak_rss(checkpoint: Path, lines: list[str], count: int) -> tuple[
         "--beam",
         "1",
         "--dtype",
-        "bf16",
+        dtype,
         "-o",
         "/dev/null",
     ]
@@ -79,11 +79,14 @@ def main() -> None:
     )
     parser.add_argument("checkpoints", nargs="+", type=Path)
     parser.add_argument("--stream-lines", type=int, default=100_000)
+    parser.add_argument("--stream-dtypes", default="fp32,bf16", help="'' to skip the memory test")
+    parser.add_argument("--no-speed", action="store_true", help="only the memory test")
     args = parser.parse_args()
     multi30k = data_root() / "multi30k"
     test = list(read_lines(multi30k / "test_2016_flickr.en.gz"))
-    print(f"{'arch':<12}{'dtype':<6}{'search':<8}{'sent/s':>9}{'tok/s':>9}")
-    for checkpoint in args.checkpoints:
+    if not args.no_speed:
+        print(f"{'arch':<12}{'dtype':<6}{'search':<8}{'sent/s':>9}{'tok/s':>9}")
+    for checkpoint in [] if args.no_speed else args.checkpoints:
         for dtype in ("fp32", "bf16"):
             for beam in (1, 5):
                 r = speed(checkpoint, dtype, beam, test)
@@ -93,13 +96,16 @@ def main() -> None:
                     flush=True,
                 )
     train = list(read_lines(multi30k / "train.en.gz"))
-    small, _ = streaming_peak_rss(args.checkpoints[0], train, args.stream_lines // 10)
-    large, seconds = streaming_peak_rss(args.checkpoints[0], train, args.stream_lines)
-    print(
-        f"nmt-tie translate from a pipe (greedy, bf16): peak RSS {small:.0f} MB for "
-        f"{args.stream_lines // 10:,} lines, {large:.0f} MB for {args.stream_lines:,} lines "
-        f"({args.stream_lines / seconds:.0f} lines/s)"
-    )
+    for dtype in filter(None, args.stream_dtypes.split(",")):
+        # bf16 grows more than fp32 before levelling off: oneDNN keeps kernels per matrix shape
+        small, _ = streaming_peak_rss(args.checkpoints[0], train, args.stream_lines // 10, dtype)
+        large, seconds = streaming_peak_rss(args.checkpoints[0], train, args.stream_lines, dtype)
+        print(
+            f"nmt-tie translate from a pipe (greedy, {dtype}): peak RSS {small:.0f} MB for "
+            f"{args.stream_lines // 10:,} lines, {large:.0f} MB for {args.stream_lines:,} lines "
+            f"({args.stream_lines / seconds:.0f} lines/s)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
