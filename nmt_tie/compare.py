@@ -135,10 +135,10 @@ def comparison_table(runs: list[RunSummary]) -> str:
         lines += [
             "",
             "| pair | arch | tie | runs | params | reduction | valid BLEU"
-            + "".join(f" | {name} BLEU" for name in test_names)
+            + "".join(f" | {name} BLEU | {name} chrF" for name in test_names)
             + " |",
         ]
-        lines.append("|" + "---|" * (7 + len(test_names)))
+        lines.append("|" + "---|" * (7 + 2 * len(test_names)))
         for (pair, arch, tie, _), members in groups.items():
             row = [
                 pair,
@@ -150,7 +150,8 @@ def comparison_table(runs: list[RunSummary]) -> str:
                 _mean_spread([m.best_valid_bleu for m in members if m.best_valid_bleu is not None]),
             ]
             for name in test_names:
-                row.append(_mean_spread([m.tests[name]["bleu"] for m in members if name in m.tests]))
+                scored = [m.tests[name] for m in members if name in m.tests]
+                row += [_mean_spread([s["bleu"] for s in scored]), _mean_spread([s["chrf"] for s in scored])]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

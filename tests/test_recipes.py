@@ -22,7 +22,7 @@ import yaml
 from conftest import prepare_small
 from test_train import write_config
 
-from nmt_tie.compare import compare
+from nmt_tie.compare import RunSummary, compare, comparison_table
 from nmt_tie.config import load_config
 from nmt_tie.data.fetch import load_manifest
 from nmt_tie.data.text import read_lines
@@ -92,6 +92,31 @@ def test_compare_writes_a_table_and_a_plot_with_the_runs_numbers(two_runs):
     assert none["reduction"] == "0.0%" and float(tied["reduction"].rstrip("%")) > 30
     assert int(tied["params"].replace(",", "")) < int(none["params"].replace(",", ""))
     assert tied["test BLEU"] == "1.25" and tied["test chrF"] == "9.50" and none["test BLEU"] == "-"
+
+
+def test_compare_summarizes_seeds_as_mean_and_standard_deviation():
+    def run(seed: int, bleu: float, chrf: float) -> RunSummary:
+        return RunSummary(
+            name=f"transformer-all-seed{seed}",
+            path=Path("."),
+            pair="en-de",
+            arch="transformer",
+            tie="all",
+            seed=seed,
+            params=75,
+            untied_params=100,
+            checkpoint_bytes=None,
+            best_valid_bleu=bleu - 1,
+            updates=10,
+            minutes=1.0,
+            valid_curve=[],
+            tests={"test": {"bleu": bleu, "chrf": chrf}},
+        )
+
+    table = comparison_table([run(1, 30.0, 50.0), run(2, 32.0, 54.0), run(3, 34.0, 58.0)])
+    summary = [line for line in table.splitlines() if line.startswith("| en-de")]
+    expected = "| en-de | transformer | all | 3 | 75 | 25.0% | 31.00 ± 2.00 | 32.00 ± 2.00 | 54.00 ± 4.00 |"
+    assert summary == [expected]
 
 
 # --- the WMT recipes' data steps against a fake mirror ---------------------------------------
