@@ -12,6 +12,7 @@ reports its peak resident memory next to the peak for 10,000 lines, in fp32 and 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -86,15 +87,13 @@ def main() -> None:
     test = list(read_lines(multi30k / "test_2016_flickr.en.gz"))
     if not args.no_speed:
         print(f"{'arch':<12}{'dtype':<6}{'search':<8}{'sent/s':>9}{'tok/s':>9}")
-    for checkpoint in [] if args.no_speed else args.checkpoints:
-        for dtype in ("fp32", "bf16"):
-            for beam in (1, 5):
-                r = speed(checkpoint, dtype, beam, test)
-                search = "greedy" if beam == 1 else f"beam {beam}"
-                print(
-                    f"{r['arch']:<12}{r['dtype']:<6}{search:<8}{r['sent_s']:>9.1f}{r['tok_s']:>9.0f}",
-                    flush=True,
-                )
+        for checkpoint, dtype, beam in itertools.product(args.checkpoints, ("fp32", "bf16"), (1, 5)):
+            r = speed(checkpoint, dtype, beam, test)
+            search = "greedy" if beam == 1 else f"beam {beam}"
+            print(
+                f"{r['arch']:<12}{r['dtype']:<6}{search:<8}{r['sent_s']:>9.1f}{r['tok_s']:>9.0f}",
+                flush=True,
+            )
     train = list(read_lines(multi30k / "train.en.gz"))
     for dtype in filter(None, args.stream_dtypes.split(",")):
         # bf16 grows more than fp32 before levelling off: oneDNN keeps kernels per matrix shape
