@@ -51,6 +51,8 @@ def breakdown(model: EncoderDecoder) -> list[tuple[str, int]]:
     rows.append(("output bias", embeddings.output_bias.numel()))
     if embeddings.projection is not None:
         rows.append(("projection P", embeddings.projection.numel()))
+    if embeddings.projection_bias is not None:
+        rows.append(("projection bias", embeddings.projection_bias.numel()))
     for name, child in model.named_children():
         if name != "embeddings":
             rows.append((f"{name} (everything else)", count_unique(child)))

@@ -40,6 +40,26 @@ def test_small_ptb_models_have_the_papers_sizes(tie, reg):
     assert (model.embeddings.projection is not None) == (reg > 0)
 
 
+def test_projection_starts_as_identity_or_as_the_authors_uniform_init_with_bias():
+    def model(**kw):
+        torch.manual_seed(0)
+        return LSTMLanguageModel(LMConfig(tie="all", vocab_size=50, emb_dim=8, hidden_dim=8, **kw))
+
+    identity = model(projection_reg=0.01)
+    assert torch.equal(identity.embeddings.projection, torch.eye(8))
+    assert identity.embeddings.projection_bias is None
+    authors = model(projection_reg=0.01, projection_init="uniform", projection_bias=True)
+    P, p = authors.embeddings.projection, authors.embeddings.projection_bias
+    assert not torch.equal(P, torch.eye(8)) and P.abs().max() <= 0.1 and p.abs().max() <= 0.1
+    assert count_unique(authors) == count_unique(identity) + 8
+    # the bias enters the logits: h -> (h P + p) E^T + b
+    hidden = torch.randn(3, 8)
+    expected = (hidden @ P + p) @ authors.embeddings.weight("output").T + authors.embeddings.output_bias
+    torch.testing.assert_close(authors.embeddings.logits(hidden), expected)
+    with pytest.raises(UserError, match="projection_init"):
+        model(projection_reg=0.01, projection_init="orthogonal")
+
+
 def test_tying_needs_equal_embedding_and_hidden_sizes():
     with pytest.raises(UserError, match="emb_dim == hidden_dim"):
         LSTMLanguageModel(LMConfig(tie="all", emb_dim=100, hidden_dim=200, vocab_size=50))

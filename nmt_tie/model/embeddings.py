@@ -15,8 +15,9 @@ gradients), one optimizer state, one entry in the state dict and on disk. No arc
 creates vocabulary matrices of its own, and nothing re-assigns weights after construction.
 
 Output logits are `h @ W.T + b` with a separate bias `b`. With projection regularization
-(Press & Wolf 2017, section 3) a learned square matrix P comes first: `(h @ P) @ W.T + b`,
-and the loss gets `projection_reg * ||P||_F^2`.
+(Press & Wolf 2017, section 3) a learned square matrix P comes first: `(h @ P + p) @ W.T + b`
+(the bias `p` is optional: the authors' PTB code has one), and the loss gets
+`projection_reg * ||P||_F^2`.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ class TiedEmbeddings(nn.Module):
         input_scale: factor on looked-up input embeddings (sqrt(dim) for the Transformer).
         init_std: standard deviation of the normal initialization of the matrices.
         init_uniform: instead, initialize uniformly in [-init_uniform, init_uniform].
-        projection: add the square projection P before the output embedding.
+        projection: add the square projection P before the output embedding, initialized to
+            the identity (so training starts from the unprojected model).
+        projection_bias: give P a bias vector (initialized to zero).
         roles: the roles the model has; a language model is a decoder without an encoder,
             so it asks for ("decoder_input", "output") only.
     """
@@ -65,6 +68,7 @@ class TiedEmbeddings(nn.Module):
         init_std: float = 0.01,
         init_uniform: float | None = None,
         projection: bool = False,
+        projection_bias: bool = False,
         roles: tuple[str, ...] = ROLES,
     ):
         super().__init__()
@@ -95,6 +99,8 @@ class TiedEmbeddings(nn.Module):
             self.matrices[name] = nn.Parameter(weight)
         self.output_bias = nn.Parameter(torch.zeros(tgt_vocab))
         self.projection = nn.Parameter(torch.eye(output_dim)) if projection else None
+        has_bias = projection and projection_bias
+        self.projection_bias = nn.Parameter(torch.zeros(output_dim)) if has_bias else None
 
     def weight(self, role: str) -> nn.Parameter:
         """The matrix serving `role` (tied roles get the very same Parameter object)."""
@@ -109,9 +115,11 @@ class TiedEmbeddings(nn.Module):
         return vectors * self.input_scale if self.input_scale != 1.0 else vectors
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Unnormalized scores over the target vocabulary: (h P) W_out^T + b."""
+        """Unnormalized scores over the target vocabulary: (h P + p) W_out^T + b."""
         if self.projection is not None:
             hidden = hidden @ self.projection
+        if self.projection_bias is not None:
+            hidden = hidden + self.projection_bias
         return F.linear(hidden, self.weight("output"), self.output_bias)
 
     def projection_penalty(self) -> torch.Tensor | None:

@@ -4,7 +4,7 @@ projection regularization. It is a decoder without an encoder: its vocabulary ma
 from the same TiedEmbeddings as the translation models, with the roles decoder input and
 output only.
 
-    x_t = E[w_t];  h_t = LSTM(x_t, h_{t-1});  logits_t = (h_t P) E_out^T + b
+    x_t = E[w_t];  h_t = LSTM(x_t, h_{t-1});  logits_t = (h_t P + p) E_out^T + b
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class LMConfig:
     layers: int = 2
     dropout: float = 0.0  # on embeddings, between layers and before the output (Zaremba)
     projection_reg: float = 0.0  # lambda of projection regularization; 0 = no P
+    projection_init: str = "identity"  # identity | uniform (in [-init_range, init_range])
+    projection_bias: bool = False  # a bias p after P (the authors' code has one)
     init_range: float = 0.1  # uniform initialization in [-init_range, init_range]
     vocab_size: int = 0  # filled in from the training text
 
@@ -43,6 +45,8 @@ class LMConfig:
                 f"tie: all needs emb_dim == hidden_dim (the LSTM output of size {self.hidden_dim} "
                 f"multiplies the embedding matrix of size {self.emb_dim}); make them equal or use tie: none"
             )
+        if self.projection_init not in ("identity", "uniform"):
+            raise UserError(f"projection_init: {self.projection_init!r}: use identity or uniform")
         if self.vocab_size <= 0:
             raise UserError("the vocabulary size is unknown: give train_text")
 
@@ -60,6 +64,7 @@ class LSTMLanguageModel(nn.Module):
             output_dim=config.hidden_dim,
             init_uniform=config.init_range,
             projection=config.projection_reg > 0,
+            projection_bias=config.projection_bias,
             roles=LM_ROLES,
         )
         self.lstm = nn.LSTM(
@@ -71,8 +76,15 @@ class LSTMLanguageModel(nn.Module):
         )
         for param in self.lstm.parameters():
             nn.init.uniform_(param, -config.init_range, config.init_range)
+        # Zaremba et al. (and the paper's code) initialize every weight uniformly; P may start
+        # as the identity instead, which makes the untrained model equal the one without P.
+        uniform = [self.embeddings.output_bias, self.embeddings.projection_bias]
+        if config.projection_init == "uniform":
+            uniform.append(self.embeddings.projection)
         with torch.no_grad():
-            self.embeddings.output_bias.uniform_(-config.init_range, config.init_range)
+            for param in uniform:
+                if param is not None:
+                    param.uniform_(-config.init_range, config.init_range)
 
     def initial_state(self, batch: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.config.layers, batch, self.config.hidden_dim)
