@@ -60,6 +60,29 @@ def test_projection_starts_as_identity_or_as_the_authors_uniform_init_with_bias(
         model(projection_reg=0.01, projection_init="orthogonal")
 
 
+@pytest.mark.parametrize("tie", ["none", "all"])
+def test_every_word_id_zero_included_learns_its_input_embedding(tie):
+    # A language model has no padding: id 0 is its most frequent word ("the" in PTB).
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(LMConfig(tie=tie, vocab_size=20, emb_dim=8, hidden_dim=8))
+    assert model.embeddings.weight("decoder_input")[0].abs().sum() > 0
+    tokens = torch.tensor([[0, 5, 0, 7]])
+    embedded = model.embeddings.embed("decoder_input", tokens)
+    embedded.sum().backward()
+    assert model.embeddings.weight("decoder_input").grad[0].abs().sum() > 0
+
+
+def test_lstm_biases_start_at_zero_as_in_the_tensorflow_code_or_uniform():
+    def biases(init: str) -> list[torch.Tensor]:
+        model = LSTMLanguageModel(LMConfig(vocab_size=20, emb_dim=8, hidden_dim=8, lstm_bias_init=init))
+        return [p for name, p in model.lstm.named_parameters() if name.startswith("bias")]
+
+    assert len(biases("zero")) == 4 and all(not b.any() for b in biases("zero"))
+    assert all(b.any() and b.abs().max() <= 0.1 for b in biases("uniform"))
+    with pytest.raises(UserError, match="lstm_bias_init"):
+        biases("ones")
+
+
 def test_tying_needs_equal_embedding_and_hidden_sizes():
     with pytest.raises(UserError, match="emb_dim == hidden_dim"):
         LSTMLanguageModel(LMConfig(tie="all", emb_dim=100, hidden_dim=200, vocab_size=50))

@@ -55,6 +55,8 @@ class TiedEmbeddings(nn.Module):
         projection_bias: give P a bias vector (initialized to zero).
         roles: the roles the model has; a language model is a decoder without an encoder,
             so it asks for ("decoder_input", "output") only.
+        padding_id: the id whose input embedding is zero and gets no gradient; None where
+            every id is a word (a language model's id 0 is its most frequent word).
     """
 
     def __init__(
@@ -70,9 +72,11 @@ class TiedEmbeddings(nn.Module):
         projection: bool = False,
         projection_bias: bool = False,
         roles: tuple[str, ...] = ROLES,
+        padding_id: int | None = PAD_ID,
     ):
         super().__init__()
         self.tie = tie
+        self.padding_id = padding_id
         self.roles = {role: MATRIX_OF_ROLE[tie][role] for role in roles}
         self.input_scale = input_scale
         output_dim = output_dim or dim
@@ -94,8 +98,9 @@ class TiedEmbeddings(nn.Module):
                 nn.init.uniform_(weight, -init_uniform, init_uniform)
             else:
                 nn.init.normal_(weight, std=init_std)
-            with torch.no_grad():
-                weight[PAD_ID].zero_()
+            if padding_id is not None:
+                with torch.no_grad():
+                    weight[padding_id].zero_()
             self.matrices[name] = nn.Parameter(weight)
         self.output_bias = nn.Parameter(torch.zeros(tgt_vocab))
         self.projection = nn.Parameter(torch.eye(output_dim)) if projection else None
@@ -111,7 +116,7 @@ class TiedEmbeddings(nn.Module):
 
     def embed(self, role: str, ids: torch.Tensor) -> torch.Tensor:
         """Look up input embeddings (`role` is encoder_input or decoder_input)."""
-        vectors = F.embedding(ids, self.weight(role), padding_idx=PAD_ID)
+        vectors = F.embedding(ids, self.weight(role), padding_idx=self.padding_id)
         return vectors * self.input_scale if self.input_scale != 1.0 else vectors
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

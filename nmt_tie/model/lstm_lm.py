@@ -33,6 +33,7 @@ class LMConfig:
     projection_init: str = "identity"  # identity | uniform (in [-init_range, init_range])
     projection_bias: bool = False  # a bias p after P (the authors' code has one)
     init_range: float = 0.1  # uniform initialization in [-init_range, init_range]
+    lstm_bias_init: str = "uniform"  # uniform (Zaremba's Torch code) | zero (the TF tutorial's)
     vocab_size: int = 0  # filled in from the training text
 
     def validate(self) -> None:
@@ -47,6 +48,8 @@ class LMConfig:
             )
         if self.projection_init not in ("identity", "uniform"):
             raise UserError(f"projection_init: {self.projection_init!r}: use identity or uniform")
+        if self.lstm_bias_init not in ("uniform", "zero"):
+            raise UserError(f"lstm_bias_init: {self.lstm_bias_init!r}: use uniform or zero")
         if self.vocab_size <= 0:
             raise UserError("the vocabulary size is unknown: give train_text")
 
@@ -66,6 +69,7 @@ class LSTMLanguageModel(nn.Module):
             projection=config.projection_reg > 0,
             projection_bias=config.projection_bias,
             roles=LM_ROLES,
+            padding_id=None,  # every id is a word: no padding in a stream of text
         )
         self.lstm = nn.LSTM(
             config.emb_dim,
@@ -74,8 +78,11 @@ class LSTMLanguageModel(nn.Module):
             batch_first=True,
             dropout=config.dropout if config.layers > 1 else 0.0,
         )
-        for param in self.lstm.parameters():
-            nn.init.uniform_(param, -config.init_range, config.init_range)
+        for name, param in self.lstm.named_parameters():
+            if name.startswith("bias") and config.lstm_bias_init == "zero":
+                nn.init.zeros_(param)
+            else:
+                nn.init.uniform_(param, -config.init_range, config.init_range)
         # Zaremba et al. (and the paper's code) initialize every weight uniformly; P may start
         # as the identity instead, which makes the untrained model equal the one without P.
         uniform = [self.embeddings.output_bias, self.embeddings.projection_bias]

@@ -143,17 +143,13 @@ class LanguageModelTask:
 
     def loss(self, model, batch):
         x, y, last = batch
-        state = self.state if self.state is not None else self.model_initial_state(x)
+        state = self.state if self.state is not None else model.initial_state(x.size(0), x.device)
         logits, (h, c) = model(x, state)
         # Carry the state to the next window without its history (truncated BPTT); a new
         # epoch starts from zeros.
         self.state = None if last else (h.detach(), c.detach())
         loss, nll = label_smoothed_nll(logits.flatten(0, 1), y.flatten(), 0.0)
         return loss, nll, y.numel()
-
-    def model_initial_state(self, x: torch.Tensor):
-        shape = (self.model_config.layers, x.size(0), self.model_config.hidden_dim)
-        return torch.zeros(shape, device=x.device), torch.zeros(shape, device=x.device)
 
     def after_update(self) -> None:
         pass
