@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from nmt_tie.training.language_model import LanguageModelTask, LMDataConfig, Wor
 from nmt_tie.training.trainer import Trainer
 from nmt_tie.wordvectors import embedding_matrix, rank, similarity_score, spearman
 
+PTB_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "ptb"
 PAPER_SIZES = {("none", 0.0): 4.65e6, ("all", 0.0): 2.65e6, ("none", 0.15): 4.69e6, ("all", 0.15): 2.69e6}
 
 
@@ -282,3 +286,51 @@ def test_embeddings_command_exports_and_explains_untied_models(tmp_path, ptb_sli
     )
     code, _, err = run_cli(capsys, "translate", "-c", str(ckpt), "-i", str(ptb_slice["valid"]))
     assert code == 2 and "language-model checkpoint" in err
+
+
+def test_small_ptb_recipe_configs_differ_only_in_tying_and_projection():
+    configs = {}
+    for variant in ("none", "all", "none-pr", "all-pr"):
+        path = PTB_RECIPE / f"small-{variant}.yaml"
+        load_config(path, [], (LMConfig, TrainConfig, LMDataConfig))  # every key is a valid one
+        configs[variant] = yaml.safe_load(path.read_text())
+    projection_keys = {"projection_reg", "projection_init", "projection_bias"}
+    for variant, config in configs.items():
+        differing = {
+            k for k in configs["none"].keys() | config.keys() if configs["none"].get(k) != config.get(k)
+        }
+        assert differing <= {"tie", "save_dir"} | projection_keys, (variant, differing)
+        assert config["save_dir"].endswith(f"small-{variant}")
+    assert {k: configs["none-pr"][k] for k in projection_keys} == {
+        k: configs["all-pr"][k] for k in projection_keys
+    }
+    assert configs["all-pr"]["projection_reg"] > 0 and configs["all"].get("projection_reg", 0) == 0
+
+
+def test_ptb_recipe_trains_scores_and_reports_each_variant(tmp_path, ptb_slice, corpora):
+    data = tmp_path / "data"
+    (data / "ptb").mkdir(parents=True)
+    for split, path in ptb_slice.items():
+        write_lines(data / "ptb" / f"ptb.{split}.txt.gz", list(read_lines(path)))
+    (data / "wordsim").symlink_to(corpora / "wordsim")
+    runs = tmp_path / "runs"
+    small = ["emb_dim=16", "hidden_dim=16", "max_epochs=1", "threads=1", "log_every=100"]
+    command = [sys.executable, str(PTB_RECIPE / "run.py"), "--variants", "none,all-pr", "--runs", str(runs)]
+    env = {**os.environ, "NMT_TIE_DATA": str(data)}
+    out = subprocess.run([*command, *small], env=env, capture_output=True, text=True, check=True).stdout
+    results = {v: json.loads((runs / v / "results.json").read_text()) for v in ("small-none", "small-all-pr")}
+    for variant, result in results.items():
+        config = LMConfig(**load_checkpoint(runs / variant / "best.pt")["model_config"])
+        assert result["params"] == count_unique(LSTMLanguageModel(config))
+        assert 1 < result["test_ppl"] < config.vocab_size
+        assert set(result["similarity"]) == {"input", "output"}
+    tied, untied = results["small-all-pr"]["similarity"], results["small-none"]["similarity"]
+    assert tied["input"] == tied["output"] and untied["input"] != untied["output"]
+    table = (runs / "results-small.md").read_text()
+    assert "| untied | " in table and "| tied + PR | " in table and table.strip() in out
+    assert (runs / "results-small.png").read_bytes().startswith(b"\x89PNG")
+    # a second run neither trains nor scores again; --report-only rebuilds the same table
+    again = subprocess.run([*command, *small], env=env, capture_output=True, text=True, check=True).stdout
+    assert again.count("is up to date: not evaluating again") == 2
+    report = subprocess.run([*command, "--report-only"], env=env, capture_output=True, text=True, check=True)
+    assert report.stdout.strip() == table.strip()

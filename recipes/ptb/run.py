@@ -51,72 +51,73 @@ def main() -> None:
     parser.add_argument("--size", default="small", choices=["small", "large"])
     parser.add_argument("--variants", default="none,all,none-pr,all-pr")
     parser.add_argument("--runs", type=Path, default=Path("runs/ptb"))
-    parser.add_argument("--report-only", action="store_true", help="print the table of finished runs")
+    parser.add_argument("--report-only", action="store_true", help="only the table and plot of finished runs")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
+    names = [f"{args.size}-{variant}" for variant in args.variants.split(",")]
     if args.report_only:
-        names = [f"{args.size}-{variant}" for variant in args.variants.split(",")]
         rows = [
             json.loads((args.runs / n / "results.json").read_text())
             for n in names
             if (args.runs / n / "results.json").exists()
         ]
-        print(results_table(rows))
-        return
-    ptb = data_root() / "ptb"
-    texts = {split: ptb / f"ptb.{split}.txt.gz" for split in ("train", "valid", "test")}
-    rows = []
-    for variant in args.variants.split(","):
-        name = f"{args.size}-{variant}"
-        run_dir = args.runs / name
-        nmt_tie(
-            "lm",
-            "train",
-            str(RECIPE / f"{name}.yaml"),
-            f"train_text={texts['train']}",
-            f"valid_text={texts['valid']}",
-            f"test_text={texts['test']}",
-            f"save_dir={run_dir}",
-            *args.overrides,
-        )
-        best = run_dir / "best.pt"
-        results = run_dir / "results.json"
-        if results.exists() and results.stat().st_mtime > best.stat().st_mtime:
-            print(f"{results} is up to date: not evaluating again", flush=True)
-            rows.append(json.loads(results.read_text()))
-            continue
-        test = json.loads(
-            nmt_tie("lm", "eval", str(best), "--text", str(texts["test"]), "--json", capture=True)
-        )
-        similarity = {}
-        for which in ("input", "output"):
-            out = nmt_tie(
-                "embeddings",
-                str(best),
-                "--which",
-                which,
-                "--eval",
-                str(data_root() / "wordsim"),
-                "--json",
-                capture=True,
-            )
-            similarity[which] = json.loads(out)
-        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-        valid = min(r["ppl"] for r in log if r["type"] == "valid")
-        minutes = max(r.get("elapsed", 0) for r in log) / 60
-        result = {
-            "variant": name,
-            "valid_ppl": valid,
-            "test_ppl": test["ppl"],
-            "minutes": round(minutes, 1),
-            "params": _params(best),
-            "similarity": similarity,
-        }
-        results.write_text(json.dumps(result, indent=2) + "\n")
-        rows.append(result)
+    else:
+        rows = [train_and_evaluate(name, args.runs / name, args.overrides) for name in names]
     table = results_table(rows)
     (args.runs / f"results-{args.size}.md").write_text(table + "\n")
+    if rows:
+        results_plot(rows, args.runs, args.runs / f"results-{args.size}.png")
     print("\n" + table)
+
+
+def train_and_evaluate(name: str, run_dir: Path, overrides: list[str]) -> dict:
+    """Train one variant (resuming if it was stopped), then score it unless already scored."""
+    ptb = data_root() / "ptb"
+    texts = {split: ptb / f"ptb.{split}.txt.gz" for split in ("train", "valid", "test")}
+    nmt_tie(
+        "lm",
+        "train",
+        str(RECIPE / f"{name}.yaml"),
+        f"train_text={texts['train']}",
+        f"valid_text={texts['valid']}",
+        f"test_text={texts['test']}",
+        f"save_dir={run_dir}",
+        *overrides,
+    )
+    best = run_dir / "best.pt"
+    results = run_dir / "results.json"
+    if results.exists() and results.stat().st_mtime > best.stat().st_mtime:
+        print(f"{results} is up to date: not evaluating again", flush=True)
+        return json.loads(results.read_text())
+    test = json.loads(nmt_tie("lm", "eval", str(best), "--text", str(texts["test"]), "--json", capture=True))
+    similarity = {}
+    for which in ("input", "output"):
+        out = nmt_tie(
+            "embeddings",
+            str(best),
+            "--which",
+            which,
+            "--eval",
+            str(data_root() / "wordsim"),
+            "--json",
+            capture=True,
+        )
+        similarity[which] = json.loads(out)
+    log = _read_log(run_dir)
+    result = {
+        "variant": name,
+        "valid_ppl": min(r["ppl"] for r in log if r["type"] == "valid"),
+        "test_ppl": test["ppl"],
+        "minutes": round(max(r.get("elapsed", 0) for r in log) / 60, 1),
+        "params": _params(best),
+        "similarity": similarity,
+    }
+    results.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
 def _params(checkpoint: Path) -> int:
@@ -161,6 +162,52 @@ def results_table(rows: list[dict]) -> str:
             )
             lines.append(f"| {label} | {which} | {cells} |")
     return "\n".join(lines)
+
+
+VARIANT_COLORS = {"none": "tab:red", "all": "tab:green", "none-pr": "tab:orange", "all-pr": "tab:blue"}
+
+
+def results_plot(rows: list[dict], runs: Path, path: Path) -> None:
+    """Test perplexity against parameters beside the paper's (left), validation curves (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in rows:
+        variant = r["variant"].split("-", 1)[1]
+        color = VARIANT_COLORS.get(variant, "black")
+        label = LABELS.get(variant, variant)
+        left.plot(r["params"] / 1e6, r["test_ppl"], "o", color=color, markersize=9, label=f"{label} (ours)")
+        if r["variant"] in PAPER:
+            paper_ppl, paper_params = PAPER[r["variant"]]
+            left.plot(paper_params / 1e6, paper_ppl, "o", mfc="none", color=color, markersize=12)
+        log_path = runs / r["variant"] / "log.jsonl"
+        if log_path.exists():
+            valid = [x for x in _read_log(runs / r["variant"]) if x["type"] == "valid"]
+            # a validation record is written when epoch x["epoch"] begins: it scores the one before
+            right.plot(
+                [x["epoch"] - 1 for x in valid], [x["ppl"] for x in valid], "-o", color=color, label=label
+            )
+    left.set_xlabel("parameters (millions, each tensor once)")
+    left.set_ylabel("test perplexity")
+    left.set_title("test perplexity against size (hollow: the paper's Table 6)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    right.set_xlabel("epoch")
+    right.set_ylabel("validation perplexity")
+    right.set_yscale("log")  # the first epochs of a random P reach the thousands
+    right.yaxis.set_major_formatter(ScalarFormatter())
+    right.yaxis.set_minor_formatter(ScalarFormatter())
+    right.set_title("validation curves")
+    right.grid(alpha=0.3, which="both")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
