@@ -369,7 +369,13 @@ def _add_lm(sub) -> None:
     evaluate.add_argument("checkpoint", type=Path)
     evaluate.add_argument("--text", required=True, type=Path, help="one sentence per line")
     evaluate.add_argument("--batch-size", type=int, default=1, help="parallel streams (1 = exact)")
-    evaluate.add_argument("--bptt", type=int, default=35)
+    evaluate.add_argument("--bptt", type=int, default=35, help="steps per forward call (any is exact)")
+    evaluate.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (0 = all cores); one stream is small work per step, so 1 is fastest",
+    )
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=_run_lm_eval)
 
@@ -391,9 +397,13 @@ def _run_lm_train(args) -> None:
 def _run_lm_eval(args) -> None:
     import math
 
+    import torch
+
     from nmt_tie.checkpoint import load_checkpoint
     from nmt_tie.training.language_model import batchify, load_lm, perplexity
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     model, vocab = load_lm(load_checkpoint(args.checkpoint))
     data = batchify(vocab.encode_file(args.text), args.batch_size)
     nll, tokens = perplexity(model, data, args.bptt, "cpu")
