@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -305,6 +306,18 @@ def test_small_ptb_recipe_configs_differ_only_in_tying_and_projection():
         k: configs["all-pr"][k] for k in projection_keys
     }
     assert configs["all-pr"]["projection_reg"] > 0 and configs["all"].get("projection_reg", 0) == 0
+
+
+@pytest.mark.parametrize("tie, paper_size", [("none", 66e6), ("all", 51e6)])
+def test_large_ptb_recipe_builds_the_papers_large_models(tie, paper_size):
+    model_config, train_config, _ = load_config(
+        PTB_RECIPE / f"large-{tie}.yaml", [], (LMConfig, TrainConfig, LMDataConfig)
+    )
+    assert model_config.tie == tie and model_config.hidden_dim == 1500 and model_config.dropout == 0.65
+    assert train_config.max_epochs == 55
+    with torch.device("meta"):  # sizes only: no memory for 66M weights
+        model = LSTMLanguageModel(replace(model_config, vocab_size=10000))
+    assert abs(count_unique(model) - paper_size) / paper_size < 0.01
 
 
 def test_ptb_recipe_trains_scores_and_reports_each_variant(tmp_path, ptb_slice, corpora):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import os
 import subprocess
@@ -268,3 +269,37 @@ def test_score_matches_sacrebleu_and_checks_line_counts(tmp_path, capsys):
     write_lines(tmp_path / "short", hyps[:1])
     code, _, err = run_cli(capsys, "score", str(tmp_path / "short"), str(tmp_path / "ref"))
     assert code == 2 and "short has 1 lines" in err and "ref has 2" in err
+
+
+def test_embeddings_command_reads_translation_checkpoints_as_whole_word_pieces(checkpoints, tmp_path, capsys):
+    import sentencepiece as spm
+    from scipy.stats import spearmanr
+
+    from nmt_tie.wordvectors import embedding_matrix
+
+    ckpt, _, _ = checkpoints
+    payload = load_checkpoint(ckpt)
+    words, tied = embedding_matrix(payload, "tied")
+    encoder_words, encoder = embedding_matrix(payload, "encoder-input")
+    # Three-way tied with one shared vocabulary: every role reads the same matrix.
+    assert encoder_words == words and torch.equal(torch.from_numpy(encoder), torch.from_numpy(tied))
+    processor = spm.SentencePieceProcessor(model_proto=payload["vocab"]["spm_tgt"])
+    pieces = {processor.id_to_piece(i) for i in range(processor.get_piece_size())}
+    assert words and all(w.isalpha() and "\u2581" + w in pieces for w in words)
+    assert len(set(words)) == len(words) < processor.get_piece_size()  # sub-word pieces are left out
+    # The row of a word is the row of its piece in the model's matrix.
+    row = payload["model"]["embeddings.matrices.shared"][processor.piece_to_id("\u2581" + words[0])]
+    assert torch.equal(torch.from_numpy(tied[0]), row.float())
+    similar = tmp_path / "sim"
+    similar.mkdir()
+    a, b, c = words[:3]
+    pairs = [(a, b, 3.0), (a, c, 1.0), (b, c, 2.0), (a, "zzqx", 5.0)]  # the last one is out of vocabulary
+    write_lines(similar / "EN-MEN-TR-3k.txt", [f"{x} {y} {score}" for x, y, score in pairs])
+    code, out, _ = run_cli(
+        capsys, "embeddings", str(ckpt), "--which", "tied", "--eval", str(similar), "--json"
+    )
+    men = json.loads(out)["men"]
+    assert code == 0 and (men["pairs"], men["skipped"], men["total"]) == (3, 1, 4)
+    vectors = dict(zip(words, torch.from_numpy(tied), strict=True))
+    cosines = [torch.cosine_similarity(vectors[x], vectors[y], dim=0).item() for x, y, _ in pairs[:3]]
+    assert men["spearman"] == pytest.approx(spearmanr(cosines, [3.0, 1.0, 2.0]).statistic, abs=1e-4)
