@@ -423,7 +423,12 @@ def _add_embeddings(sub) -> None:
         "word-similarity sets (pairs with unknown words are skipped and counted).",
     )
     p.add_argument("checkpoint", type=Path, help="language-model or translation checkpoint")
-    p.add_argument("--which", default="output", help="input | output | tied | encoder-input (translation)")
+    p.add_argument(
+        "--which",
+        default="output",
+        help="input | output | tied | encoder-input (translation: the source side's matrix; "
+        "the English similarity sets measure it for an En-X model)",
+    )
     p.add_argument("--export", type=Path, help="write the matrix in word2vec text format")
     p.add_argument("--neighbours", nargs="*", default=[], metavar="WORD", help="print nearest neighbours")
     p.add_argument("--top", type=int, default=10)
