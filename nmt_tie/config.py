@@ -88,7 +88,9 @@ class TrainConfig:
     save_dir: str = "runs/model"  # run directory: config, logs, checkpoints
     seed: int = 1
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA only, with loss scaling)
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with loss scaling; bf16 becomes fp16 on GPUs
+    #                      without fast bf16, before Ampere); the log says which is in effect
+    tf32: bool = True  # dtype fp32 on Ampere/Hopper GPUs: TF32 tensor-core matrix products
     threads: int = 0  # CPU threads for torch; 0 = all cores
     compile: bool = False  # torch.compile the model
     # batching
@@ -117,9 +119,11 @@ class TrainConfig:
     valid_every: int = 1000  # updates between validations (and checkpoints); 0 = every epoch
     valid_metric: str = "bleu"  # bleu | chrf | loss (for best.pt and early stopping)
     valid_beam: int = 1  # beam size for validation translation (1 = greedy)
+    valid_dtype: str = "fp32"  # precision of validation (loss and translation), whatever `dtype`
     valid_max_sentences: int = 0  # translate only the first N validation sentences; 0 = all
-    save_every: int = 0  # also keep checkpoint_UPDATES.pt every N updates; 0 = never
+    save_every: int = 0  # also keep checkpoint_UPDATES.pt (weights only) every N updates; 0 = never
     keep_last: int = 5  # how many of those to keep
+    save_every_minutes: float = 0.0  # also write last.pt this often (preemption); 0 = only at validation
     log_every: int = 100  # updates between training log records
 
 

@@ -21,12 +21,47 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def autocast_context(device: torch.device, dtype: str):
-    """Autocast to bf16 (CPU or GPU) or fp16 (GPU only); nothing for fp32."""
+def check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise UserError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+def gpu_has_fast_bf16(device: torch.device) -> bool:
+    """Ampere (compute capability 8.0) and later compute in bf16 natively; older GPUs emulate it."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def effective_dtype(device: torch.device, dtype: str) -> str:
+    """The precision actually used: bf16 on a GPU without fast bf16 becomes fp16 (with loss
+    scaling in training), which such GPUs (V100, T4) run on their tensor cores."""
+    check_dtype(dtype)
+    if dtype == "bf16" and device.type == "cuda" and not gpu_has_fast_bf16(device):
+        return "fp16"
+    return dtype
+
+
+def autocast_context(device: torch.device, dtype: str):
+    """Autocast to bf16 or fp16 (on GPUs; on the CPU too, where fp16 is slow but works); nothing
+    for fp32."""
+    check_dtype(dtype)
     if dtype == "fp32":
         return nullcontext()
-    if dtype == "fp16" and device.type != "cuda":
-        raise UserError("dtype fp16 needs a CUDA device; use bf16 on the CPU")
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """fp32 matrix products on Ampere/Hopper tensor cores (TF32: 10-bit mantissa, fp32 range).
+    PyTorch leaves it off for matmuls by default; it makes `dtype: fp32` several times faster."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if enabled else "highest")
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def describe_precision(device: torch.device, requested: str, used: str, tf32: bool) -> str:
+    """One line for the log: what the user asked for and what is in effect."""
+    if used == "fp32":
+        what = "fp32" + (" with TF32 matrix products" if device.type == "cuda" and tf32 else "")
+    else:
+        what = f"{used} autocast" + (" with loss scaling" if used == "fp16" else "")
+    note = f" (asked for {requested}: this GPU has no fast bf16)" if used != requested else ""
+    return f"precision: {what} on {device}{note}"

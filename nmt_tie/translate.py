@@ -23,7 +23,7 @@ from nmt_tie.checkpoint import load_checkpoint, load_model, processors_from
 from nmt_tie.data.batching import pad_sequences
 from nmt_tie.data.text import decode_line
 from nmt_tie.data.tokenizer import EOS_ID, TextProcessor
-from nmt_tie.devices import autocast_context
+from nmt_tie.devices import autocast_context, effective_dtype
 from nmt_tie.errors import UserError
 from nmt_tie.search import Ensemble, beam_search, greedy_search, max_lengths
 
@@ -54,7 +54,7 @@ class Translator:
         self.src, self.tgt = src, tgt
         self.options = options or SearchOptions()
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.dtype = effective_dtype(self.device, dtype)
         self.warn = warn or (lambda message: print(message, file=sys.stderr))
 
     @classmethod

@@ -8,7 +8,8 @@
 # Environment: CORPORA (downloads, default corpora/), RUNS (default runs/CORPUS), GPUS per node
 # (default 1), TORCHRUN_ARGS (e.g. "--nnodes 2 --node_rank 0 --rdzv_backend c10d
 # --rdzv_endpoint host0:29500" for several nodes), TIES (default "none decoder all"),
-# OVERRIDES (extra key=value config overrides), NMT_TIE (default nmt-tie), MIRROR.
+# OVERRIDES (extra key=value config overrides), NMT_TIE (default nmt-tie), MIRROR,
+# EVAL_DTYPE (precision of the final translations, default fp32).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[1]}")" && pwd)
@@ -20,6 +21,7 @@ GPUS=${GPUS:-1}
 TIES=${TIES:-none decoder all}
 OVERRIDES=${OVERRIDES:-}
 AVERAGE=${AVERAGE:-0}
+EVAL_DTYPE=${EVAL_DTYPE:-fp32}  # the precision of the final scores (bf16 or fp16: faster)
 
 say() { echo "+ $*" >&2; "$@"; }
 
@@ -51,7 +53,7 @@ stage_eval() {
     fi
     for name in $TESTS; do
       say $NMT_TIE translate -c "$checkpoint" -i "$CORPORA/$CORPUS/$name.$SRC" -o "$run/$name.hyp" \
-        --beam "$BEAM" --lenpen "$LENPEN" --dtype bf16
+        --beam "$BEAM" --lenpen "$LENPEN" --dtype "$EVAL_DTYPE"
       say $NMT_TIE score "$run/$name.hyp" "$CORPORA/$CORPUS/$name.$TGT" --out "$run/$name.score.json"
     done
   done

@@ -246,7 +246,9 @@ def test_run_directory_holds_config_logs_tensorboard_and_checkpoints(tmp_path, d
 def test_bf16_autocast_trains_on_the_cpu(tmp_path, data_dir):
     summary = make_trainer(tmp_path, data_dir, "run", dtype="bf16", max_updates=10).run()
     assert summary["update"] == 10
-    assert all(math.isfinite(r["loss"]) for r in read_log(tmp_path / "run"))
+    assert all(
+        math.isfinite(r["loss"]) for r in read_log(tmp_path / "run") if r["type"] in ("train", "valid")
+    )
 
 
 def test_bad_config_keys_and_values(tmp_path, data_dir, capsys):

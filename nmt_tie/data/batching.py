@@ -22,27 +22,49 @@ from nmt_tie.errors import UserError
 
 @dataclass
 class Batch:
-    """Padded id tensors: source ends in EOS; target input starts with BOS, output ends in EOS."""
+    """Padded id tensors: source ends in EOS; target input starts with BOS, output ends in EOS.
+
+    The positions of the real (non-padding) target tokens, flattened, and their count are
+    computed on the CPU when the batch is built, so that training never has to ask the GPU
+    for them (each such question is a host-device synchronization).
+    """
 
     src: torch.Tensor  # (batch, src_len)
     tgt_in: torch.Tensor  # (batch, tgt_len)
     tgt_out: torch.Tensor  # (batch, tgt_len)
     indices: np.ndarray  # positions of the sentences in their split
+    target_positions: torch.Tensor | None = None  # (tokens,) flat indices into (batch * tgt_len)
+    targets: torch.Tensor | None = None  # (tokens,) the target ids at those positions
+    target_tokens: int = -1  # number of non-padding target tokens
+
+    def __post_init__(self) -> None:
+        if self.target_positions is None:
+            flat = self.tgt_out.reshape(-1)
+            self.target_positions = torch.nonzero(flat != PAD_ID).squeeze(1)
+            self.targets = flat[self.target_positions]
+        if self.target_tokens < 0:
+            self.target_tokens = len(self.target_positions)
 
     def __len__(self) -> int:
         return self.src.size(0)
 
-    @property
-    def target_tokens(self) -> int:
-        return int((self.tgt_out != PAD_ID).sum())
+    def pin_memory(self) -> Batch:
+        return self._map(lambda t: t.pin_memory())
 
     def to(self, device: torch.device | str) -> Batch:
-        nb = torch.device(device).type == "cuda"
+        # Copies from pinned memory overlap with GPU work; from pageable memory they do not.
+        nb = torch.device(device).type == "cuda" and self.src.is_pinned()
+        return self._map(lambda t: t.to(device, non_blocking=nb))
+
+    def _map(self, fn) -> Batch:
         return Batch(
-            self.src.to(device, non_blocking=nb),
-            self.tgt_in.to(device, non_blocking=nb),
-            self.tgt_out.to(device, non_blocking=nb),
+            fn(self.src),
+            fn(self.tgt_in),
+            fn(self.tgt_out),
             self.indices,
+            fn(self.target_positions),
+            fn(self.targets),
+            self.target_tokens,
         )
 
 
@@ -128,9 +150,12 @@ def token_buckets(
 class TokenBucketSampler:
     """Yields batches of sentence indices, epoch after epoch, from a saveable position.
 
-    With several data-parallel workers (`num_shards`), every worker computes the same batch
-    list and takes every `num_shards`-th batch; the list is cut to a multiple of `num_shards`
-    so that all workers make the same number of steps.
+    With several data-parallel workers (`num_shards`), every worker computes the same global
+    batch list and, at each step, worker k takes batch `consumed + k` of it; the epoch ends
+    when fewer than `num_shards` batches are left (those are dropped), so all workers make the
+    same number of steps. The position is global (batches of the epoch consumed by all
+    workers together), so a run saved with N workers resumes with any other number: the rest
+    of the epoch is re-sharded and no sentence is seen twice.
     """
 
     def __init__(
@@ -153,11 +178,11 @@ class TokenBucketSampler:
         self.shard = shard
         self.max_sentences = max_sentences
         self.epoch = 1
-        self.position = 0  # index of the next batch within this worker's share of the epoch
+        self.consumed = 0  # batches of this epoch's global list taken by all workers together
         self._cache: tuple[int, list[np.ndarray]] | None = None
 
-    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        """This worker's batches of one epoch, in the order they are yielded."""
+    def global_batches(self, epoch: int) -> list[np.ndarray]:
+        """Every worker's batches of one epoch, in the order they are taken."""
         if self._cache and self._cache[0] == epoch:
             return self._cache[1]
         n = len(self.src_lengths)
@@ -170,28 +195,32 @@ class TokenBucketSampler:
         )
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        usable = len(batches) - len(batches) % self.num_shards
-        if usable == 0:
+        if len(batches) < self.num_shards:
             raise UserError(
                 f"{len(batches)} batches cannot be shared by {self.num_shards} workers; "
                 "lower max_tokens or use fewer workers"
             )
-        mine = batches[self.shard : usable : self.num_shards]
-        self._cache = (epoch, mine)
-        return mine
+        self._cache = (epoch, batches)
+        return batches
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """This worker's batches of a whole epoch (from its start), in the order they are yielded."""
+        batches = self.global_batches(epoch)
+        usable = len(batches) - len(batches) % self.num_shards
+        return batches[self.shard : usable : self.num_shards]
 
     def __len__(self) -> int:
-        """Number of batches in the current epoch."""
+        """Number of this worker's batches in the current epoch."""
         return len(self.epoch_batches(self.epoch))
 
     def next_batch(self) -> np.ndarray:
         """The next batch; the state then points past it (into the next epoch if it was last)."""
-        batches = self.epoch_batches(self.epoch)
-        batch = batches[self.position]
-        self.position += 1
-        if self.position >= len(batches):
+        batches = self.global_batches(self.epoch)
+        batch = batches[self.consumed + self.shard]
+        self.consumed += self.num_shards
+        if self.consumed + self.num_shards > len(batches):
             self.epoch += 1
-            self.position = 0
+            self.consumed = 0
         return batch
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -201,12 +230,25 @@ class TokenBucketSampler:
             yield self.next_batch()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,  # global: batches taken by all workers together
+            "num_shards": self.num_shards,
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a position saved by any number of workers."""
         if state["seed"] != self.seed:
             raise UserError(
                 f"the checkpoint's data order uses seed {state['seed']}, this run seed {self.seed}"
             )
         self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
+        if "consumed" in state:
+            self.consumed = int(state["consumed"])
+        else:  # checkpoints before nmt-tie 0.2 saved a position within one worker's shard
+            self.consumed = int(state["position"]) * int(state.get("num_shards", self.num_shards))
+        if self.consumed + self.num_shards > len(self.global_batches(self.epoch)):
+            # Fewer batches are left in the epoch than this run has workers.
+            self.epoch += 1
+            self.consumed = 0

@@ -44,12 +44,17 @@ class EncoderDecoder(nn.Module):
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, positions: torch.Tensor | None = None):
         """Teacher forcing: logits (batch, tgt_len, vocab) for every target position, or
-        (n, vocab) for the n positions where the boolean `positions` (batch, tgt_len) is true:
-        training skips the output layer at padding, the largest matrix product of a step."""
+        (n, vocab) for n selected positions: training skips the output layer at padding, the
+        largest matrix product of a step. `positions` is a boolean (batch, tgt_len) mask or
+        the flat indices of the selected positions (computed on the CPU, they select without
+        a host-device synchronization)."""
         enc = self.encode(src)
         hidden = self.decoder(self.embeddings.embed("decoder_input", tgt_in), enc)
         if positions is not None:
-            hidden = hidden[positions]
+            if positions.dtype == torch.bool:
+                hidden = hidden[positions]
+            else:
+                hidden = hidden.flatten(0, 1).index_select(0, positions)
         return self.embeddings.logits(hidden)
 
     def decode_step(self, enc: dict, prev_tokens: torch.Tensor, cache: dict | None):

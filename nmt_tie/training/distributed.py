@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nmt_tie.errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -25,18 +27,44 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group torchrun describes in the environment (if any)."""
+def gpu_for_local_rank(local_rank: int, visible: int) -> int:
+    """The GPU index of this process among the `visible` ones.
+
+    torchrun starts one process per GPU and numbers them by LOCAL_RANK; a scheduler that gives
+    each process its own single GPU (CUDA_VISIBLE_DEVICES per task, as Slurm's --gpus-per-task)
+    leaves one visible GPU, index 0, whatever the LOCAL_RANK."""
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise UserError(
+        f"process LOCAL_RANK {local_rank} has no GPU of its own: {visible} are visible; "
+        f"start at most {visible} processes per node (torchrun --nproc_per_node {visible})"
+    )
+
+
+def init_distributed(requested: torch.device) -> tuple[DistInfo, torch.device]:
+    """Join the process group torchrun describes in the environment (if any); return this
+    process's place in it and its device. The GPU is chosen and made current before the group
+    is created, so that NCCL binds each rank to its own GPU from the start."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return DistInfo()
+        return DistInfo(), requested
     info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    device = requested
+    if requested.type == "cuda":
+        device = torch.device("cuda", gpu_for_local_rank(info.local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return info
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return info, device
 
 
 def all_reduce_sum(value: float, info: DistInfo, device: torch.device) -> float:
+    """The sum over all workers (a collective and a host-device synchronization)."""
     if not info.enabled:
         return value
     tensor = torch.tensor([value], dtype=torch.float64, device=device)

@@ -24,9 +24,7 @@ and optionally:
 from __future__ import annotations
 
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -41,12 +39,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nmt_tie.checkpoint import FORMAT, load_checkpoint, save_atomic
 from nmt_tie.config import TrainConfig, dump_configs, to_dict
-from nmt_tie.devices import autocast_context, resolve_device
+from nmt_tie.devices import autocast_context, describe_precision, effective_dtype, resolve_device, set_tf32
 from nmt_tie.errors import UserError
 from nmt_tie.progress import progress_bar
 from nmt_tie.training import distributed
 from nmt_tie.training.metrics import MetricsLog
 from nmt_tie.training.optim import LRSchedule, build_optimizer
+from nmt_tie.training.runlock import RunDirLock
 
 HIGHER_IS_BETTER = {"bleu": True, "chrf": True, "loss": False, "ppl": False}
 
@@ -69,10 +68,11 @@ def rng_state(device: torch.device) -> dict:
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
+    # The generators take CPU byte tensors only (a checkpoint loaded onto a GPU would fail here).
+    torch.set_rng_state(state["torch"].cpu())
     random.setstate(_as_tuple(state["python"]))
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def _as_tuple(value):
@@ -101,17 +101,15 @@ class Trainer:
         """`task_factory(model_cfg, train_cfg, dist_info, device)` builds the task."""
         self.cfg = train_cfg
         self.say = log or (lambda message: print(message, file=sys.stderr, flush=True))
-        requested = resolve_device(train_cfg.device)
-        self.dist = distributed.init_distributed(requested.type)
-        if requested.type == "cuda" and self.dist.enabled:
-            requested = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(requested)
-        self.device = requested
+        self.dist, self.device = distributed.init_distributed(resolve_device(train_cfg.device))
         if train_cfg.threads > 0:
             torch.set_num_threads(train_cfg.threads)
         if train_cfg.valid_metric not in HIGHER_IS_BETTER:
             raise UserError(f"valid_metric: {train_cfg.valid_metric!r} is not one of bleu, chrf, loss, ppl")
-        self.autocast = autocast_context(self.device, train_cfg.dtype)
+        self.precision = effective_dtype(self.device, train_cfg.dtype)
+        self.valid_precision = effective_dtype(self.device, train_cfg.valid_dtype)
+        set_tf32(self.device, train_cfg.tf32)
+        self.autocast = autocast_context(self.device, self.precision)
         self.run_dir = Path(train_cfg.save_dir)
         seed_everything(train_cfg.seed + self.dist.rank)
 
@@ -120,19 +118,44 @@ class Trainer:
         self.model: nn.Module = self.task.build_model().to(self.device)
         self.optimizer = build_optimizer(self.model.parameters(), train_cfg)
         self.schedule = LRSchedule(self.optimizer, train_cfg, getattr(self.task, "decay_start", 0))
-        self.scaler = torch.amp.GradScaler("cuda") if train_cfg.dtype == "fp16" else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.update = 0
         self.best: float | None = None
         self.bad_validations = 0
         self.elapsed_before = 0.0
         self.last_valid: dict = {}
+        self.started = time.perf_counter()
+        self.last_save = self.started
+        # Decisions taken by the clock are rank 0's, shared through the per-update statistics:
+        # ranks that each read their own clock could stop one update apart and then wait for
+        # each other in different collectives until the NCCL watchdog kills the job.
+        self.time_up = False
+        self.save_due = False
 
-        resume = self.run_dir / "last.pt"
-        self._check_run_dir()
-        if resume.exists():
-            self._restore(load_checkpoint(resume, map_location=self.device))
-            self.say(f"resuming {self.run_dir} from update {self.update} (epoch {self.task.epoch})")
-        self.log = MetricsLog(self.run_dir, self.dist.is_main, self.update if resume.exists() else None)
+        self.lock = RunDirLock(self.run_dir)
+        try:
+            payload = self._open_run_dir()
+            if payload is not None:
+                self._restore(payload)
+                self.say(f"resuming {self.run_dir} from update {self.update} (epoch {self.task.epoch})")
+        except BaseException:
+            self.lock.release()
+            raise
+        resumed = payload is not None
+        self.log = MetricsLog(self.run_dir, self.dist.is_main, self.update if resumed else None)
+        precision = describe_precision(self.device, train_cfg.dtype, self.precision, train_cfg.tf32)
+        self.say(f"{precision}; validation in {self.valid_precision}")
+        self.log.write(
+            "setup",
+            {
+                "update": self.update,
+                "device": str(self.device),
+                "workers": self.dist.world_size,
+                "dtype": self.precision,
+                "valid_dtype": self.valid_precision,
+                "tf32": bool(train_cfg.tf32 and self.device.type == "cuda" and self.precision == "fp32"),
+            },
+        )
 
         self.train_model: nn.Module = self.model
         if self.dist.enabled:
@@ -143,20 +166,41 @@ class Trainer:
 
     # --- run directory and checkpoints -------------------------------------------------
 
+    def _open_run_dir(self) -> dict | None:
+        """Rank 0 locks the run directory, checks it and reads `last.pt` (on the CPU); every
+        rank gets rank 0's checkpoint (or error), so that nodes without shared storage resume
+        from the same state instead of silently starting from zero."""
+        payload = error = None
+        if self.dist.is_main:
+            try:
+                self.lock.acquire()
+                self._check_run_dir()
+                resume = self.run_dir / "last.pt"
+                # On the CPU: the random states must stay CPU tensors, and Adam's step counts
+                # too (on a GPU they would make every optimizer step synchronize);
+                # load_state_dict moves each tensor where its parameter lives.
+                payload = load_checkpoint(resume, map_location="cpu") if resume.exists() else None
+            except UserError as err:
+                error = str(err)
+        if self.dist.enabled:
+            payload, error = distributed.broadcast_object((payload, error), self.dist)
+        if error is not None:
+            raise UserError(error if self.dist.is_main else f"rank 0 stopped: {error}")
+        return payload
+
     def _check_run_dir(self) -> None:
         config_file = self.run_dir / "config.yaml"
         resolved = dump_configs(self.model_cfg, self.cfg, *getattr(self.task, "extra_configs", ()))
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if config_file.exists() and (self.run_dir / "last.pt").exists():
-                previous = yaml.safe_load(config_file.read_text())
-                differs = [k for k, v in to_dict(self.model_cfg).items() if previous.get(k) != v]
-                if differs:
-                    raise UserError(
-                        f"{self.run_dir} holds a run of another model ({', '.join(differs)} differ); "
-                        "use another save_dir to start a new run"
-                    )
-            config_file.write_text(resolved)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if config_file.exists() and (self.run_dir / "last.pt").exists():
+            previous = yaml.safe_load(config_file.read_text())
+            differs = [k for k, v in to_dict(self.model_cfg).items() if previous.get(k) != v]
+            if differs:
+                raise UserError(
+                    f"{self.run_dir} holds a run of another model ({', '.join(differs)} differ); "
+                    "use another save_dir to start a new run"
+                )
+        config_file.write_text(resolved)
 
     def _payload(self) -> dict:
         rng = distributed.gather_objects(rng_state(self.device), self.dist)
@@ -205,21 +249,31 @@ class Trainer:
 
     def save(self, improved: bool) -> None:
         payload = self._payload()  # every rank takes part (it gathers their random states)
+        self.last_save = time.perf_counter()
         if not self.dist.is_main:
             return
-        last = self.run_dir / "last.pt"
-        save_atomic(payload, last)
+        save_atomic(payload, self.run_dir / "last.pt")
+        # best.pt and the numbered checkpoints are for translation, averaging and shipping:
+        # the model without the optimizer state (a third of the size with Adam).
+        weights = self._weights_only(payload)
         if improved:
-            # best.pt is for translation and shipping: the model without optimizer state.
-            training_state = ("optimizer", "schedule", "scaler", "task", "trainer")
-            best = {key: value for key, value in payload.items() if key not in training_state}
-            best["trainer"] = {"update": self.update, "best": self.best, "valid": self.last_valid}
+            best = {**weights, "trainer": {**weights["trainer"], "best": self.best}}
             save_atomic(best, self.run_dir / "best.pt")
         if self.cfg.save_every and self.update % self.cfg.save_every == 0:
-            _copy_atomic(last, self.run_dir / f"checkpoint_{self.update}.pt")
+            save_atomic(weights, self.run_dir / f"checkpoint_{self.update}.pt")
             numbered = sorted(self.run_dir.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
             for old in numbered[: -self.cfg.keep_last] if self.cfg.keep_last > 0 else []:
                 old.unlink()
+
+    def _weights_only(self, payload: dict) -> dict:
+        training_state = ("optimizer", "schedule", "scaler", "task", "trainer")
+        weights = {key: value for key, value in payload.items() if key not in training_state}
+        weights["trainer"] = {"update": self.update, "valid": self.last_valid}
+        return weights
+
+    def close(self) -> None:
+        """Release the run directory (also done when `run` ends, however it ends)."""
+        self.lock.release()
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -232,14 +286,28 @@ class Trainer:
             return f"reached max_updates {cfg.max_updates}"
         if cfg.max_epochs and self.task.epoch > cfg.max_epochs:
             return f"reached max_epochs {cfg.max_epochs}"
-        if cfg.max_time and self.elapsed() >= cfg.max_time * 60:
+        if cfg.max_time and (self.time_up or self.elapsed_before >= cfg.max_time * 60):
             return f"reached max_time {cfg.max_time} min"
         if cfg.patience and self.bad_validations >= cfg.patience:
             return f"no improvement in {cfg.patience} validations (patience)"
         return None
 
+    def _clock_flags(self) -> list[float]:
+        """Rank 0's clock decisions [time up, save due], as numbers for the statistics tensor."""
+        if not self.dist.is_main:
+            return [0.0, 0.0]
+        now = time.perf_counter()
+        time_up = bool(self.cfg.max_time) and self.elapsed() >= self.cfg.max_time * 60
+        minutes = self.cfg.save_every_minutes
+        save_due = bool(minutes) and now - self.last_save >= minutes * 60
+        return [float(time_up), float(save_due)]
+
     def train_step(self) -> tuple[float, float, float, float | None]:
-        """One update (update_freq batches); returns summed loss, nll, tokens, grad norm."""
+        """One update (update_freq batches); returns summed loss, nll, tokens, grad norm.
+
+        Host-device synchronizations: one per update (the statistics the log needs), one more
+        with several workers (the summed loss normalizer) and with fp16 (the loss scaler's
+        check for infinite gradients). Everything else stays on the device."""
         cfg = self.cfg
         self.train_model.train()
         self.schedule.set_epoch(self.task.epoch)
@@ -251,7 +319,7 @@ class Trainer:
             float(sum(normalizer(b) for b in batches)), self.dist, self.device
         )
         penalty_weight = getattr(self.model_cfg, "projection_reg", 0.0)
-        loss_sum = nll_sum = 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, nll
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
             no_sync = self.train_model.no_sync() if self.dist.enabled and not sync else nullcontext()
@@ -267,24 +335,29 @@ class Trainer:
                     self.scaler.scale(objective).backward()
                 else:
                     objective.backward()
-            loss_sum += loss.item()
-            nll_sum += nll.item()
+            sums += torch.stack([loss.detach(), nll.detach()]).double()
         tokens = float(sum(self.task.batch_tokens(b) for b in batches))
-        stats = torch.tensor([loss_sum, nll_sum, tokens], dtype=torch.float64)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if cfg.clip_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
+        # loss, nll, tokens and the clock flags are summed over workers (only rank 0 sets the
+        # flags); the gradient norm is the same on every worker and is not.
+        host = torch.tensor([tokens, *self._clock_flags()], dtype=torch.float64)
+        stats = torch.cat([sums, host.to(self.device, non_blocking=True)])
         if self.dist.enabled:
-            stats = stats.to(self.device)
             torch.distributed.all_reduce(stats)
-        loss_sum, nll_sum, total_tokens = stats.tolist()
+        if grad_norm is not None:
+            stats = torch.cat([stats, grad_norm.detach().double().reshape(1)])
+        values = stats.tolist()  # the one synchronization of an update
+        loss_sum, nll_sum, total_tokens, time_up, save_due = values[:5]
+        self.time_up, self.save_due = time_up > 0, save_due > 0
         if not math.isfinite(loss_sum):
             raise TrainingDiverged(
                 f"training diverged at update {self.update + 1}: the loss is {loss_sum}; the last good "
                 f"checkpoint is {self.run_dir / 'last.pt'}; lower lr, lengthen warmup or set clip_norm"
             )
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = None
-        if cfg.clip_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm))
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -293,14 +366,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.update += 1
         self.task.after_update()
-        return loss_sum, nll_sum, total_tokens, grad_norm
+        return loss_sum, nll_sum, total_tokens, (values[5] if grad_norm is not None else None)
 
     def validate(self) -> bool:
         """Validate on rank 0, share the result; return whether the metric improved."""
         result = None
         if self.dist.is_main:
             self.model.eval()
-            with self.autocast, torch.no_grad():
+            # Not inside the training autocast: validation has a precision of its own.
+            with autocast_context(self.device, self.valid_precision), torch.no_grad():
                 result = self.task.validate(self.model, self.run_dir)
             self.model.train()
         result = distributed.broadcast_object(result, self.dist)
@@ -330,7 +404,7 @@ class Trainer:
         cfg = self.cfg
         if not (cfg.max_updates or cfg.max_epochs or cfg.max_time or cfg.patience):
             raise UserError("set a stopping rule: max_updates, max_epochs, max_time or patience")
-        self.started = time.perf_counter()
+        self.started = self.last_save = time.perf_counter()
         bar = None
         if self.dist.is_main:
             bar = progress_bar("train", total=cfg.max_updates or None, unit="upd", initial=self.update)
@@ -353,12 +427,16 @@ class Trainer:
                     improved = self.validate()
                     self.save(improved)
                     reason = self._stop_reason()
+                elif self.save_due:
+                    self.save(improved=False)
+                    self.log.write("save", {"update": self.update, "elapsed": round(self.elapsed(), 1)})
                 for hook in getattr(self, "after_update_hooks", []):
                     hook(self)
         finally:
             if bar is not None:
                 bar.close()
             self.log.close()
+            self.close()
         self.say(f"stopped after update {self.update}: {reason}; best {cfg.valid_metric} {self.best}")
         summary = {
             "update": self.update,
@@ -393,11 +471,3 @@ class Trainer:
                 f"update {self.update} epoch {record['epoch']} loss {record['loss']:.3f} "
                 f"ppl {record['ppl']:.1f} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
             )
-
-
-def _copy_atomic(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.copyfile(source, tmp)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)

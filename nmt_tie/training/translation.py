@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -11,7 +12,6 @@ from nmt_tie.checkpoint import vocab_payload
 from nmt_tie.config import ModelConfig, TrainConfig
 from nmt_tie.data.batching import Batch, ParallelData, TokenBucketSampler
 from nmt_tie.data.prepare import PreparedData
-from nmt_tie.data.tokenizer import PAD_ID
 from nmt_tie.errors import UserError
 from nmt_tie.evaluate import score
 from nmt_tie.model.seq2seq import build_model, configure_for_data
@@ -21,11 +21,13 @@ from nmt_tie.translate import SearchOptions, Translator
 
 
 def sequence_loss(model, batch: Batch, label_smoothing: float):
-    """Summed label-smoothed loss, summed NLL and the number of (non-padding) target tokens."""
-    positions = batch.tgt_out != PAD_ID
-    logits = model(batch.src, batch.tgt_in, positions)
-    loss, nll = label_smoothed_nll(logits, batch.tgt_out[positions], label_smoothing)
-    return loss, nll, int(positions.sum())
+    """Summed label-smoothed loss, summed NLL and the number of (non-padding) target tokens.
+
+    Tensors only, no host-device synchronization: the positions and their count come from
+    the CPU side of the batch."""
+    logits = model(batch.src, batch.tgt_in, batch.target_positions)
+    loss, nll = label_smoothed_nll(logits, batch.targets, label_smoothing)
+    return loss, nll, batch.target_tokens
 
 
 class TranslationTask:
@@ -48,6 +50,11 @@ class TranslationTask:
             shard=dist.rank,
             max_sentences=cfg.max_sentences or None,
         )
+        # On a GPU the next batch is built, pinned and copied while the current one computes.
+        self.prefetch = device.type == "cuda"
+        self._pending: tuple[dict, Future] | None = None
+        self._consumed_state: dict | None = None  # the sampler's state after the last batch taken
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="batches") if self.prefetch else None
         self.valid_data = ParallelData(self.prepared, "valid")
         limit = cfg.valid_max_sentences or None
         self.valid_sources = self.prepared.raw_text("valid", "src")[:limit]
@@ -55,13 +62,34 @@ class TranslationTask:
 
     @property
     def epoch(self) -> int:
-        return self.sampler.epoch
+        """The epoch of the next batch to be trained on (not of a batch prefetched ahead)."""
+        return self._sampler_state()["epoch"]
 
     def build_model(self):
         return build_model(self.model_config)
 
     def next_batch(self) -> Batch:
-        return self.train_data.collate(self.sampler.next_batch()).to(self.device)
+        if not self.prefetch:
+            return self._load(self.sampler.next_batch())
+        if self._pending is None:
+            self._pending = self._draw()
+        self._consumed_state, future = self._pending
+        self._pending = self._draw()
+        return future.result()
+
+    def _draw(self) -> tuple[dict, Future]:
+        """Take the next batch's indices (on this thread) and build it on the loader thread."""
+        indices = self.sampler.next_batch()
+        return self.sampler.state_dict(), self._loader.submit(self._load, indices)
+
+    def _load(self, indices) -> Batch:
+        batch = self.train_data.collate(indices)
+        return (batch.pin_memory() if self.device.type == "cuda" else batch).to(self.device)
+
+    def _sampler_state(self) -> dict:
+        if self.prefetch and self._consumed_state is not None:
+            return self._consumed_state
+        return self.sampler.state_dict()
 
     @staticmethod
     def batch_tokens(batch: Batch) -> int:
@@ -74,7 +102,7 @@ class TranslationTask:
         pass
 
     def validate(self, model, run_dir: Path) -> dict:
-        nll_sum = tokens = 0.0
+        nll_sum, tokens = torch.zeros((), dtype=torch.float64, device=self.device), 0
         valid_sampler = TokenBucketSampler(
             self.valid_data.src_lengths,
             self.valid_data.tgt_lengths,
@@ -84,16 +112,16 @@ class TranslationTask:
         for indices in valid_sampler:
             batch = self.valid_data.collate(indices).to(self.device)
             _, nll, n = sequence_loss(model, batch, 0.0)
-            nll_sum += float(nll)
+            nll_sum += nll.double()  # summed on the device: one synchronization in all
             tokens += n
-        loss = nll_sum / max(1.0, tokens)
+        loss = float(nll_sum) / max(1, tokens)
         translator = Translator(
             [model],
             self.src_proc,
             self.tgt_proc,
             SearchOptions(beam=self.cfg.valid_beam, max_tokens=self.cfg.max_tokens),
             device=self.device,
-            dtype="fp32",
+            dtype=self.cfg.valid_dtype,
         )
         hypotheses = [hyps[0][0] if hyps else "" for hyps in translator.translate(self.valid_sources)]
         (run_dir / "valid.hyp").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
@@ -106,10 +134,11 @@ class TranslationTask:
         }
 
     def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict()}
+        return {"sampler": self._sampler_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
+        self._pending = self._consumed_state = None
 
     def checkpoint_extras(self) -> dict:
         return {"vocab": vocab_payload(self.src_proc, self.tgt_proc, self.prepared.joint)}
