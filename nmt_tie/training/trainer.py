@@ -463,6 +463,8 @@ class Trainer:
         }
         if grad_norm is not None:
             record["grad_norm"] = round(grad_norm, 3)
+        if self.device.type == "cuda":  # a host-side counter: no synchronization
+            record["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
         self.log.write("train", record)
         if bar is not None and not bar.disable:
             bar.set_postfix(loss=record["loss"], lr=f"{record['lr']:.2e}", tok_s=int(record["tokens_per_s"]))
