@@ -13,10 +13,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nmt_tie.model.dropout import dropout
 
 EncoderOut = dict[str, torch.Tensor]
+GPU_ATTENTION_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def sinusoidal_positions(length: int, dim: int, offset: int = 0, device=None) -> torch.Tensor:
@@ -45,8 +47,18 @@ def attention(q, k, v, key_mask=None, causal=False, dropout_p=0.0) -> torch.Tens
     PyTorch's fused CPU kernel is fast in fp32 but about six times slower than plain matrix
     products in bf16 (measured here: 28 ms against 4.6 ms forward+backward for 128 sentences
     of 20 tokens), so bf16 on the CPU takes the explicit path.
+
+    On GPUs, cuDNN's attention is left out: it builds a plan for every new tensor shape, and
+    translation has many (each batch its lengths, each decoding step its key length). Measured
+    on an H100 (torch 2.11, small Transformer, bf16): 380 ms for a training step of a shape
+    not seen before against 20 ms once seen; without cuDNN 31 ms and 23.5 ms.
     """
-    if not (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
+    if q.device.type == "cuda":
+        with sdpa_kernel(GPU_ATTENTION_KERNELS):
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=key_mask, dropout_p=dropout_p, is_causal=causal
+            )
+    if q.dtype != torch.bfloat16:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=key_mask, dropout_p=dropout_p, is_causal=causal
         )
