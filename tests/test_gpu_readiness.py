@@ -333,7 +333,9 @@ def test_save_every_minutes_writes_last_pt_between_validations(tmp_path, data_di
     assert "optimizer" not in numbered and "task" not in numbered
     assert numbered["trainer"]["update"] == 3
     last = tmp_path / "run" / "last.pt"
-    assert (tmp_path / "run" / "checkpoint_6.pt").stat().st_size < 0.7 * last.stat().st_size  # no Adam moments
+    assert (
+        tmp_path / "run" / "checkpoint_6.pt"
+    ).stat().st_size < 0.7 * last.stat().st_size  # no Adam moments
     averaged = average_checkpoints(
         [tmp_path / "run" / "checkpoint_3.pt", tmp_path / "run" / "checkpoint_6.pt"]
     )
@@ -356,8 +358,9 @@ def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from nmt_tie.training.runlock import RunDirLock; "
-            f"lock = RunDirLock({str(tmp_path)!r}); lock.acquire(); print('held', flush=True); time.sleep(60)",
+            "import time; from nmt_tie.training.runlock import RunDirLock; "
+            f"lock = RunDirLock({str(tmp_path)!r}); lock.acquire(); print('held', flush=True); "
+            "time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -412,3 +415,43 @@ def test_prefetched_batches_are_not_counted_as_trained_on(tmp_path, data_dir):
     assert state["consumed"] == 5
     prefetching("run", max_updates=10).run()
     assert_same_weights(final_weights(tmp_path / "run"), final_weights(tmp_path / "ref"))
+
+
+# --- the GPU smoke script and the WMT memory table ---------------------------------------------
+
+BENCHMARKS = Path(__file__).parents[1] / "recipes" / "benchmarks"
+
+
+def test_the_gpu_smoke_script_checks_itself_on_the_cpu(tmp_path, data_dir, small_corpus):
+    command = [
+        sys.executable, str(BENCHMARKS / "gpu_smoke.py"), "--device", "cpu", "--updates", "12",
+        "--dtypes", "bf16", "--archs", "transformer", "--out", str(tmp_path / "smoke"),
+        "--prepared", str(data_dir), "--translate-from", str(small_corpus / "valid.en"),
+        "--max-tokens", "600", "--sentences", "5",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "killed, resumed, stayed tied and translated: OK" in result.stdout
+    run = tmp_path / "smoke" / "transformer-bf16"
+    setups = [r for r in read_log(run) if r["type"] == "setup"]
+    assert len(setups) == 2 and setups[1]["update"] > 0  # the second process resumed
+
+
+def test_wmt_memory_table_on_the_meta_device():
+    command = [
+        sys.executable,
+        str(BENCHMARKS / "wmt_memory.py"),
+        "--recipes",
+        "wmt15_en_de",
+        "--ties",
+        "none,all",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("wmt15_en_de")]
+    # The paper's 168M / 80M models (at a 90K joint vocabulary), last.pt with Adadelta's two
+    # state tensors: 3 x 4 bytes per parameter.
+    assert [row[1] for row in rows] == ["none", "all"]
+    assert [row[4] for row in rows] == ["167,358,501", "77,358,501"]
+    assert float(rows[0][5]) == pytest.approx(167_358_501 * 12 / 1e9, abs=0.01)
+    assert float(rows[1][7]) < float(rows[0][7])  # the tied model needs less memory

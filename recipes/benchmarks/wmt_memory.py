@@ -65,11 +65,13 @@ def estimate(model_cfg, train_cfg, batch: Batch) -> dict:
         model = build_model(model_cfg)
     params = count_unique(model)
     model.to(DTYPES[train_cfg.dtype])
-    saved = []
+    weights_storage = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}  # storage -> bytes: views of one tensor are counted once
 
     def pack(tensor):
-        if not isinstance(tensor, torch.nn.Parameter):  # weights are counted once, below
-            saved.append(tensor.numel() * tensor.element_size())
+        storage = tensor.untyped_storage()
+        if storage._cdata not in weights_storage:  # weights are counted once, below
+            saved[storage._cdata] = storage.nbytes()
         return tensor
 
     model.train()
@@ -79,7 +81,7 @@ def estimate(model_cfg, train_cfg, batch: Batch) -> dict:
     low_precision = train_cfg.dtype != "fp32"
     weights = 4 * params * (1 + 1 + states) + (2 * params if low_precision else 0)  # + bf16 weight copies
     logits_grad = batch.target_tokens * model_cfg.tgt_vocab_size * 4
-    return {"params": params, "peak": weights + sum(saved) + logits_grad, "states": states}
+    return {"params": params, "peak": weights + sum(saved.values()) + logits_grad, "states": states}
 
 
 def measure(model_cfg, train_cfg, length: int, updates: int = 10) -> dict:
