@@ -262,7 +262,19 @@ def _add_translate(sub) -> None:
     p.add_argument("-i", "--input", help="input file (default: stdin; .gz accepted)")
     p.add_argument("-o", "--output", help="output file (default: stdout)")
     p.add_argument("--beam", type=int, default=5, help="beam size; 1 = greedy (default 5)")
-    p.add_argument("--lenpen", type=float, default=0.6, help="GNMT length penalty alpha (0.6)")
+    p.add_argument(
+        "--lenpen",
+        type=float,
+        default=1.0,
+        help="exponent of the length normalization (default 1.0: mean log-probability per token)",
+    )
+    p.add_argument(
+        "--length-norm",
+        default="average",
+        choices=["average", "gnmt"],
+        help="rank finished hypotheses by score / length ** lenpen (average, as fairseq; the "
+        "default) or score / ((5 + length) / 6) ** lenpen (gnmt, Wu et al. 2016)",
+    )
     p.add_argument("--max-len-a", type=float, default=1.5, help="output length limit a * source + b")
     p.add_argument("--max-len-b", type=int, default=10)
     p.add_argument("--nbest", type=int, default=1, help="print the K best: line number, score, text")
@@ -283,6 +295,7 @@ def _run_translate(args) -> None:
     options = SearchOptions(
         beam=args.beam,
         lenpen=args.lenpen,
+        length_norm=args.length_norm,
         max_len_a=args.max_len_a,
         max_len_b=args.max_len_b,
         nbest=args.nbest,

@@ -200,8 +200,16 @@ def comparison_plot(runs: list[RunSummary], path: Path) -> None:
         if run.valid_curve:
             updates, bleu = zip(*run.valid_curve, strict=True)
             style = "-" if run.arch == "transformer" else "--"
+            # Markers: a run validated once is a point, not an invisible line of length zero.
             right.plot(
-                updates, bleu, style, color=TIE_COLORS.get(run.tie, "black"), alpha=0.8, label=run.name
+                updates,
+                bleu,
+                style,
+                marker="o",
+                markersize=3,
+                color=TIE_COLORS.get(run.tie, "black"),
+                alpha=0.8,
+                label=run.name,
             )
     right.set_xlabel("updates")
     right.set_ylabel("validation BLEU")

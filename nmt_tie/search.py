@@ -7,8 +7,13 @@ finished hypotheses are kept per sentence in fixed-size tensors, merged by score
 hypotheses have ended (as in fairseq); finished sentences leave the batch, and the search
 stops when none is left.
 
-Scores are sums of log-probabilities; beam search ranks finished hypotheses by the GNMT
-length normalization score / ((5 + length) / 6) ** lenpen, with the length counting EOS.
+Scores are sums of log-probabilities; beam search ranks finished hypotheses by a length-
+normalized score, the length counting EOS:
+- `average` (the default, as fairseq): score / length ** lenpen; lenpen 1.0 ranks by the mean
+  log-probability per token, which gives full-length output (on Multi30k test2016 the length
+  ratio to the reference went from 0.88-0.91 to about 1.0);
+- `gnmt` (Wu et al. 2016): score / ((5 + length) / 6) ** lenpen. Its correction grows more
+  slowly than the length, so it prefers short outputs unless lenpen is well above 1.
 """
 
 from __future__ import annotations
@@ -98,8 +103,16 @@ def _strip(tokens: list[int]) -> list[int]:
     return out
 
 
-def length_penalty(length: torch.Tensor | float, alpha: float):
-    return ((5.0 + length) / 6.0) ** alpha
+LENGTH_NORMS = ("average", "gnmt")
+
+
+def length_penalty(length: torch.Tensor | float, alpha: float, norm: str = "average"):
+    """What a finished hypothesis's summed log-probability is divided by."""
+    if norm == "gnmt":
+        return ((5.0 + length) / 6.0) ** alpha
+    if norm == "average":
+        return float(length) ** alpha
+    raise ValueError(f"length normalization {norm!r} is not one of {', '.join(LENGTH_NORMS)}")
 
 
 @torch.no_grad()
@@ -108,8 +121,9 @@ def beam_search(
     src: torch.Tensor,
     max_len: torch.Tensor,
     beam: int = 5,
-    lenpen: float = 0.6,
+    lenpen: float = 1.0,
     nbest: int = 1,
+    length_norm: str = "average",
 ) -> list[list[Hypothesis]]:
     """The `nbest` best hypotheses per sentence, best first."""
     device = src.device
@@ -157,7 +171,8 @@ def beam_search(
         ended = torch.full((n, 2 * beam, width), PAD_ID, dtype=torch.long, device=device)
         ended[:, :, :t] = prefixes
         ended[:, :, t] = EOS_ID
-        normalized = (top_scores / length_penalty(t + 1, lenpen)).masked_fill(~ending, -math.inf)
+        normalized = top_scores / length_penalty(t + 1, lenpen, length_norm)
+        normalized = normalized.masked_fill(~ending, -math.inf)
         merged_scores = torch.cat([fin_scores.index_select(0, active), normalized], dim=1)
         merged_tokens = torch.cat([fin_tokens.index_select(0, active), ended], dim=1)
         best_scores, best = merged_scores.topk(beam, dim=1)

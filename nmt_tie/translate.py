@@ -31,7 +31,8 @@ from nmt_tie.search import Ensemble, beam_search, greedy_search, max_lengths
 @dataclass
 class SearchOptions:
     beam: int = 5
-    lenpen: float = 0.6
+    lenpen: float = 1.0  # exponent of the length normalization
+    length_norm: str = "average"  # average (score / length ** lenpen, as fairseq) | gnmt
     max_len_a: float = 1.5
     max_len_b: int = 10
     nbest: int = 1
@@ -81,7 +82,9 @@ class Translator:
         with autocast_context(self.device, self.dtype):
             if opts.beam == 1:
                 return [[h] for h in greedy_search(self.ensemble, src, limit)]
-            return beam_search(self.ensemble, src, limit, opts.beam, opts.lenpen, opts.nbest)
+            return beam_search(
+                self.ensemble, src, limit, opts.beam, opts.lenpen, opts.nbest, opts.length_norm
+            )
 
     def translate_ids(self, sources: list[list[int]]) -> list[list]:
         """Hypotheses (best first) for id sequences, batched by length; input order kept."""

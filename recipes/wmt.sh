@@ -9,7 +9,7 @@
 # (default 1), TORCHRUN_ARGS (e.g. "--nnodes 2 --node_rank 0 --rdzv_backend c10d
 # --rdzv_endpoint host0:29500" for several nodes), TIES (default "none decoder all"),
 # OVERRIDES (extra key=value config overrides), NMT_TIE (default nmt-tie), MIRROR,
-# EVAL_DTYPE (precision of the final translations, default fp32).
+# EVAL_DTYPE (precision of the final translations, default fp32), LENGTH_NORM (average | gnmt).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[1]}")" && pwd)
@@ -21,7 +21,8 @@ GPUS=${GPUS:-1}
 TIES=${TIES:-none decoder all}
 OVERRIDES=${OVERRIDES:-}
 AVERAGE=${AVERAGE:-0}
-EVAL_DTYPE=${EVAL_DTYPE:-fp32}  # the precision of the final scores (bf16 or fp16: faster)
+EVAL_DTYPE=${EVAL_DTYPE:-fp32}
+LENGTH_NORM=${LENGTH_NORM:-average}  # score / length ** LENPEN (average) or GNMT's (gnmt)  # the precision of the final scores (bf16 or fp16: faster)
 
 say() { echo "+ $*" >&2; "$@"; }
 
@@ -53,7 +54,7 @@ stage_eval() {
     fi
     for name in $TESTS; do
       say $NMT_TIE translate -c "$checkpoint" -i "$CORPORA/$CORPUS/$name.$SRC" -o "$run/$name.hyp" \
-        --beam "$BEAM" --lenpen "$LENPEN" --dtype "$EVAL_DTYPE"
+        --beam "$BEAM" --lenpen "$LENPEN" --length-norm "$LENGTH_NORM" --dtype "$EVAL_DTYPE"
       say $NMT_TIE score "$run/$name.hyp" "$CORPORA/$CORPUS/$name.$TGT" --out "$run/$name.score.json"
     done
   done

@@ -119,6 +119,36 @@ def test_compare_summarizes_seeds_as_mean_and_standard_deviation():
     assert summary == [expected]
 
 
+def test_a_run_validated_once_is_drawn_as_a_point(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from nmt_tie.compare import comparison_plot
+
+    run = RunSummary("transformer-all-seed1", Path("."), "en-de", "transformer", "all", 1, 75, 100,
+                     None, 20.0, 300, 1.0, [(300, 20.0)])  # fmt: skip
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    comparison_plot([run], tmp_path / "plot.png")
+    (curve,) = figures[0].axes[1].lines
+    assert list(curve.get_xdata()) == [300] and curve.get_marker() == "o"
+
+
+def test_the_demo_warms_up_well_before_its_last_update():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "recipes" / "multi30k" / "run.py"
+    spec = importlib.util.spec_from_file_location("multi30k_run", path)
+    multi30k_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(multi30k_run)
+
+    for updates in (None, 300, 600):
+        overrides = dict(item.split("=") for item in multi30k_run.demo_overrides(updates))
+        budget = updates or multi30k_run.DEMO_UPDATES
+        assert int(overrides["warmup"]) <= budget / 3
+    _, recipe = load_config(Path(__file__).parents[1] / "recipes" / "multi30k" / "transformer-all.yaml")
+    assert recipe.warmup >= multi30k_run.DEMO_UPDATES  # why the demo needs its own
+
+
 # --- the WMT recipes' data steps against a fake mirror ---------------------------------------
 
 

@@ -96,6 +96,48 @@ def test_beam_search_finds_a_better_sequence_than_greedy():
     assert [h.score for h in best] == sorted((h.score for h in best), reverse=True)
 
 
+class TableModel(torch.nn.Module):
+    """A hand-set 'decoder' from a table of next-token probabilities given the previous token."""
+
+    vocab = 12
+
+    def __init__(self, transitions: dict[int, dict[int, float]]):
+        super().__init__()
+        table = torch.full((self.vocab, self.vocab), 1e-12, dtype=torch.float64)
+        for prev, nexts in transitions.items():
+            for token, p in nexts.items():
+                table[prev, token] = p
+        self.register_buffer("log_table", (table / table.sum(1, keepdim=True)).log().float())
+
+    def encode(self, src):
+        return {"mask": src != 0}
+
+    def decode_step(self, enc, prev, cache):
+        return self.log_table[prev], {"steps": torch.zeros(prev.size(0))}
+
+    reorder = staticmethod(EncoderDecoder.reorder)
+
+
+def test_average_length_normalization_keeps_the_long_hypothesis_gnmt_drops():
+    # BOS -> 4 EOS: log .5 + log .5 = -1.386 over 2 tokens (EOS counted).
+    # BOS -> 5 6 7 EOS: log .5 + 3 log .6 = -2.226 over 4 tokens.
+    # GNMT, alpha 1: -1.386 / (7/6) = -1.188 beats -2.226 / (9/6) = -1.484: the short one.
+    # Average, lenpen 1: -1.386 / 2 = -0.693 loses to -2.226 / 4 = -0.556: the long one.
+    model = TableModel({BOS_ID: {4: 0.5, 5: 0.5}, 4: {EOS_ID: 0.5, 8: 0.5}, 5: {6: 0.6, EOS_ID: 0.4},
+                        6: {7: 0.6, EOS_ID: 0.4}, 7: {EOS_ID: 0.6, 9: 0.4},
+                        8: {EOS_ID: 0.1, 9: 0.3, 10: 0.3, 11: 0.3}, 9: {EOS_ID: 1.0},
+                        10: {EOS_ID: 1.0}, 11: {EOS_ID: 1.0}})  # fmt: skip
+    src, limit = torch.tensor([[7, 8, 3]]), torch.tensor([6])
+    short_score, long_score = 2 * math.log(0.5), math.log(0.5) + 3 * math.log(0.6)
+    gnmt = beam_search(Ensemble([model]), src, limit, beam=4, lenpen=1.0, length_norm="gnmt")[0][0]
+    assert gnmt.tokens == [4]
+    assert gnmt.score == pytest.approx(short_score / (7 / 6), abs=1e-4)
+    average = beam_search(Ensemble([model]), src, limit, beam=4, lenpen=1.0)[0][0]  # the default
+    assert average.tokens == [5, 6, 7]
+    assert average.score == pytest.approx(long_score / 4, abs=1e-4)
+    assert SearchOptions().length_norm == "average" and SearchOptions().lenpen == 1.0
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, small_corpus) -> tuple[Path, Path, Path]:
     """Two checkpoints of one short run, and the prepared data."""

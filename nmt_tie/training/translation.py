@@ -131,6 +131,8 @@ class TranslationTask:
             "ppl": round(math.exp(min(50.0, loss)), 2),
             "bleu": scores["bleu"]["score"],
             "chrf": scores["chrf"]["score"],
+            # BLEU of what search? (the final scores use beam search)
+            "search": "greedy" if self.cfg.valid_beam == 1 else f"beam {self.cfg.valid_beam}",
         }
 
     def state_dict(self) -> dict:

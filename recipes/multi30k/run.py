@@ -29,6 +29,16 @@ RECIPE = Path(__file__).resolve().parent
 TEST_SET = "test_2016_flickr"
 
 
+DEMO_UPDATES = 300
+
+
+def demo_overrides(max_updates: int | None) -> list[str]:
+    """The demo validates once, at the end, and reaches its peak learning rate after a third
+    of its updates: the recipe's warm-up (300) would end exactly when the demo does."""
+    warmup = max(1, (max_updates or DEMO_UPDATES) // 3)
+    return ["valid_every=100000", f"warmup={warmup}"]
+
+
 def run(*args: str) -> None:
     command = [sys.executable, "-m", "nmt_tie", *args]
     print("$ nmt-tie " + " ".join(shlex.quote(a) for a in args), flush=True)
@@ -63,8 +73,8 @@ def main() -> None:
     if args.demo:
         args.pair, args.arch, args.seeds = "en-de", "transformer", 1
         if not args.max_time:
-            args.max_updates = args.max_updates or 300  # the same budget for all three variants
-        args.overrides = ["valid_every=100000", *args.overrides]  # validate once, at the end
+            args.max_updates = args.max_updates or DEMO_UPDATES  # the same budget for all three
+        args.overrides = [*demo_overrides(args.max_updates), *args.overrides]
 
     src, tgt = args.pair.split("-")
     multi30k = data_root() / "multi30k"

@@ -6,5 +6,6 @@ CORPUS=wmt14_en_de SRC=en TGT=de ARCH=transformer
 VOCAB=${VOCAB:-32000}
 MAX_LEN=${MAX_LEN:-250}
 VALID=newstest2013 TESTS="newstest2014" BEAM=${BEAM:-4} LENPEN=${LENPEN:-0.6}
+LENGTH_NORM=${LENGTH_NORM:-gnmt}  # Vaswani et al.: GNMT's length penalty, alpha 0.6
 AVERAGE=${AVERAGE:-1}
 source "$(dirname "$0")/../wmt.sh"
