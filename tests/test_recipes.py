@@ -149,6 +149,24 @@ def test_the_demo_warms_up_well_before_its_last_update():
     assert recipe.warmup >= multi30k_run.DEMO_UPDATES  # why the demo needs its own
 
 
+def test_converge_mode_stops_early_on_the_final_search_and_keeps_checkpoints_to_average():
+    import argparse
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "recipes" / "multi30k" / "run.py"
+    spec = importlib.util.spec_from_file_location("multi30k_run_converge", path)
+    multi30k_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(multi30k_run)
+    args = argparse.Namespace(patience=5, average=4, beam=5)
+    overrides = dict(item.split("=") for item in multi30k_run.converge_overrides(args))
+    _, train_cfg = load_config(
+        Path(path).parent / "transformer-all.yaml", list(multi30k_run.converge_overrides(args))
+    )
+    assert train_cfg.patience == 5 and train_cfg.valid_beam == 5  # validation BLEU = final search
+    assert int(overrides["save_every"]) == train_cfg.valid_every
+    assert train_cfg.keep_last >= 4 + 5  # the 4 up to best.pt survive 5 validations past it
+
+
 # --- the WMT recipes' data steps against a fake mirror ---------------------------------------
 
 

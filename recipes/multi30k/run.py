@@ -9,6 +9,7 @@ recipe resumes unfinished training runs and skips finished ones.
     python recipes/multi30k/run.py --demo                    # En-De Transformer, ~12 min on 2 cores
     python recipes/multi30k/run.py --pair en-de --arch transformer --seeds 3 --max-updates 1000
     python recipes/multi30k/run.py --pair en-fr --arch rnn --max-time 10
+    python recipes/multi30k/run.py --converge --seeds 3          # early stopping, averaging
 
 Data: Multi30k task 1 from NMT_TIE_DATA or ../shared/data (`nmt-tie data fetch
 multi30k_en_de --dest DIR` downloads it; then set NMT_TIE_DATA=DIR).
@@ -39,6 +40,18 @@ def demo_overrides(max_updates: int | None) -> list[str]:
     return ["valid_every=100000", f"warmup={warmup}"]
 
 
+def converge_overrides(args) -> list[str]:
+    """Early stopping on validation BLEU of the same beam search as the final scores, and
+    numbered checkpoints at every validation for averaging."""
+    return [
+        f"patience={args.patience}",
+        "valid_every=500",
+        f"valid_beam={args.beam}",
+        "save_every=500",
+        f"keep_last={args.average + args.patience}",
+    ]
+
+
 def run(*args: str) -> None:
     command = [sys.executable, "-m", "nmt_tie", *args]
     print("$ nmt-tie " + " ".join(shlex.quote(a) for a in args), flush=True)
@@ -60,6 +73,15 @@ def main() -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--max-updates", type=int, help="updates per run (config default: 1000)")
     budget.add_argument("--max-time", type=float, help="minutes of training per run")
+    parser.add_argument(
+        "--converge",
+        action="store_true",
+        help="train to convergence: validate every 500 updates with beam search, stop after "
+        "--patience validations without a better BLEU (at most 30,000 updates), and also score the "
+        "average of the last --average checkpoints",
+    )
+    parser.add_argument("--patience", type=int, default=5, help="with --converge (default 5)")
+    parser.add_argument("--average", type=int, default=5, help="with --converge: checkpoints averaged")
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--lenpen", type=float, default=1.0)
     parser.add_argument("--runs", type=Path, default=Path("runs/multi30k"), help="output directory")
@@ -75,6 +97,9 @@ def main() -> None:
         if not args.max_time:
             args.max_updates = args.max_updates or DEMO_UPDATES  # the same budget for all three
         args.overrides = [*demo_overrides(args.max_updates), *args.overrides]
+    if args.converge:
+        args.max_updates = args.max_updates or 30000
+        args.overrides = [*converge_overrides(args), *args.overrides]
 
     src, tgt = args.pair.split("-")
     multi30k = data_root() / "multi30k"
@@ -117,36 +142,52 @@ def main() -> None:
                 *budget,
                 *args.overrides,
             )
-            hypotheses = run_dir / f"{TEST_SET}.hyp"
-            score = run_dir / f"{TEST_SET}.score.json"
-            if up_to_date(score, run_dir / "best.pt"):
-                print(f"{score} is up to date: not translating again", flush=True)
-                continue
-            run(
-                "translate",
-                "-c",
-                str(run_dir / "best.pt"),
-                "-i",
-                str(split_file(multi30k / TEST_SET, src)),
-                "-o",
-                str(hypotheses),
-                "--beam",
-                str(args.beam),
-                "--lenpen",
-                str(args.lenpen),
-                "--dtype",
-                "bf16",
-            )
-            run(
-                "score",
-                str(hypotheses),
-                str(split_file(multi30k / TEST_SET, tgt)),
-                "--out",
-                str(score),
-            )
+            checkpoints = {TEST_SET: run_dir / "best.pt"}
+            if args.converge:
+                checkpoints[f"{TEST_SET}.averaged"] = average_around_best(run_dir, args.average)
+            for name, checkpoint in checkpoints.items():
+                translate_and_score(checkpoint, run_dir, name, multi30k, src, tgt, args)
     report = args.runs / f"report-{args.pair}-{args.arch}.md"
     run("compare", *map(str, run_dirs), "-o", str(report), "--plot", str(report.with_suffix(".png")))
     print(f"\ntable: {report}\nplot:  {report.with_suffix('.png')}")
+
+
+def average_around_best(run_dir: Path, count: int) -> Path:
+    """The average of the `count` numbered checkpoints up to the best one (early stopping
+    trains `patience` validations past it)."""
+    import torch
+
+    best_update = torch.load(run_dir / "best.pt", weights_only=True)["trainer"]["update"]
+    numbered = sorted(run_dir.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    chosen = [p for p in numbered if int(p.stem.split("_")[1]) <= best_update][-count:]
+    averaged = run_dir / "averaged.pt"
+    if not up_to_date(averaged, run_dir / "best.pt"):
+        run("average", *map(str, chosen), "-o", str(averaged))
+    return averaged
+
+
+def translate_and_score(checkpoint: Path, run_dir: Path, name: str, multi30k: Path, src, tgt, args):
+    hypotheses = run_dir / f"{name}.hyp"
+    score = run_dir / f"{name}.score.json"
+    if up_to_date(score, checkpoint):
+        print(f"{score} is up to date: not translating again", flush=True)
+        return
+    run(
+        "translate",
+        "-c",
+        str(checkpoint),
+        "-i",
+        str(split_file(multi30k / TEST_SET, src)),
+        "-o",
+        str(hypotheses),
+        "--beam",
+        str(args.beam),
+        "--lenpen",
+        str(args.lenpen),
+        "--dtype",
+        "bf16",
+    )
+    run("score", str(hypotheses), str(split_file(multi30k / TEST_SET, tgt)), "--out", str(score))
 
 
 if __name__ == "__main__":
