@@ -54,25 +54,16 @@ def test_a_batch_gives_the_same_output_as_one_sentence_at_a_time(arch):
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
 
 
-class MarkovModel(torch.nn.Module):
-    """A hand-set 'decoder': the next-token distribution depends on the previous token only.
+class TableModel(torch.nn.Module):
+    """A hand-set 'decoder' from a table of next-token probabilities given the previous token."""
 
-    From BOS: token 4 with p=0.5, token 5 with p=0.4. After 4 every one of 10 tokens has
-    p=0.1 (and EOS too), after 5 EOS has p=0.9. Greedy takes 4 (log p = log .5 + log .1),
-    the better sequence is 5 EOS (log .4 + log .9).
-    """
-
-    vocab = 20
-
-    def __init__(self):
+    def __init__(self, transitions: dict[int, dict[int, float]], vocab: int = 12):
         super().__init__()
-        table = torch.full((self.vocab, self.vocab), 1e-9)
-        table[BOS_ID, 4], table[BOS_ID, 5], table[BOS_ID, EOS_ID] = 0.5, 0.4, 0.1
-        table[4, 6:16] = 0.09
-        table[4, EOS_ID] = 0.1
-        table[5, EOS_ID], table[5, 6] = 0.9, 0.1
-        table[6:16, EOS_ID] = 1.0
-        self.register_buffer("log_table", (table / table.sum(1, keepdim=True)).log())
+        table = torch.full((vocab, vocab), 1e-12, dtype=torch.float64)
+        for prev, nexts in transitions.items():
+            for token, p in nexts.items():
+                table[prev, token] = p
+        self.register_buffer("log_table", (table / table.sum(1, keepdim=True)).log().float())
 
     def encode(self, src):
         return {"mask": src != 0}
@@ -81,6 +72,16 @@ class MarkovModel(torch.nn.Module):
         return self.log_table[prev], {"steps": torch.zeros(prev.size(0))}
 
     reorder = staticmethod(EncoderDecoder.reorder)
+
+
+def MarkovModel() -> TableModel:  # noqa: N802 (reads as the model it builds)
+    """From BOS: token 4 with p=0.5, token 5 with p=0.4. After 4 every one of 10 tokens has
+    p=0.09 (and EOS 0.1), after 5 EOS has p=0.9. Greedy takes 4 (log p = log .5 + log .1),
+    the better sequence is 5 EOS (log .4 + log .9)."""
+    after_4 = {token: 0.09 for token in range(6, 16)} | {EOS_ID: 0.1}
+    transitions = {BOS_ID: {4: 0.5, 5: 0.4, EOS_ID: 0.1}, 4: after_4, 5: {EOS_ID: 0.9, 6: 0.1}}
+    transitions |= {token: {EOS_ID: 1.0} for token in range(6, 16)}
+    return TableModel(transitions, vocab=20)
 
 
 def test_beam_search_finds_a_better_sequence_than_greedy():
@@ -94,28 +95,6 @@ def test_beam_search_finds_a_better_sequence_than_greedy():
     assert best[0].score == pytest.approx(math.log(0.4) + math.log(0.9), abs=1e-4)
     assert best[0].score > greedy.score
     assert [h.score for h in best] == sorted((h.score for h in best), reverse=True)
-
-
-class TableModel(torch.nn.Module):
-    """A hand-set 'decoder' from a table of next-token probabilities given the previous token."""
-
-    vocab = 12
-
-    def __init__(self, transitions: dict[int, dict[int, float]]):
-        super().__init__()
-        table = torch.full((self.vocab, self.vocab), 1e-12, dtype=torch.float64)
-        for prev, nexts in transitions.items():
-            for token, p in nexts.items():
-                table[prev, token] = p
-        self.register_buffer("log_table", (table / table.sum(1, keepdim=True)).log().float())
-
-    def encode(self, src):
-        return {"mask": src != 0}
-
-    def decode_step(self, enc, prev, cache):
-        return self.log_table[prev], {"steps": torch.zeros(prev.size(0))}
-
-    reorder = staticmethod(EncoderDecoder.reorder)
 
 
 def test_average_length_normalization_keeps_the_long_hypothesis_gnmt_drops():
