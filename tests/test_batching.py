@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import prepare_small
 
-from nmt_tie.data.batching import ParallelData, TokenBucketSampler
+from nmt_tie.data.batching import ParallelData, TokenBucketSampler, ladder_down, ladder_up
 from nmt_tie.data.prepare import PreparedData
 from nmt_tie.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from nmt_tie.errors import UserError
@@ -93,3 +93,36 @@ def test_shards_split_an_epoch_evenly_and_disjointly(train_data):
 def test_a_sentence_longer_than_max_tokens_is_a_clear_error(train_data):
     with pytest.raises(UserError, match="max_tokens=20 is smaller than the longest pair"):
         list(sampler(train_data, max_tokens=20))
+
+
+def test_the_shape_ladder_keeps_every_token_bounds_shapes_and_costs_little_padding(train_data):
+    plain = list(sampler(train_data, max_tokens=1000, seed=5))
+    laddered = list(sampler(train_data, max_tokens=1000, seed=5, ladder=True))
+    assert sorted(np.concatenate(laddered).tolist()) == list(range(len(train_data)))
+    shapes = {False: set(), True: set()}
+    padded = {False: 0, True: 0}
+    for ladder, batches in ((False, plain), (True, laddered)):
+        for indices in batches:
+            batch = train_data.collate(indices, ladder)
+            assert batch.src.numel() + batch.tgt_in.numel() <= 1000
+            shapes[ladder].add((*batch.src.shape, batch.tgt_in.size(1)))
+            padded[ladder] += batch.src.numel() + batch.tgt_in.numel()
+            if ladder:
+                assert len(indices) == ladder_down(len(indices))
+                assert batch.src.size(1) == ladder_up(batch.src.size(1))
+                for row, i in enumerate(indices):  # the sentence, whole and in place, then padding
+                    src, tgt = train_data.source(i), train_data.target(i)
+                    assert batch.src[row, : len(src)].tolist() == src.tolist()
+                    assert (
+                        batch.src[row, len(src)] == EOS_ID
+                        and (batch.src[row, len(src) + 1 :] == PAD_ID).all()
+                    )
+                    assert batch.tgt_out[row, : len(tgt) + 1].tolist() == [*tgt.tolist(), EOS_ID]
+                    assert batch.targets.numel() == batch.target_tokens
+    assert len(shapes[True]) < 0.7 * len(shapes[False]), (len(shapes[True]), len(shapes[False]))
+    assert padded[True] / padded[False] < 1.06  # extra padded tokens, all batches together
+
+
+def test_ladder_values():
+    assert [ladder_up(n) for n in (1, 16, 17, 18, 31, 33, 65, 100)] == [1, 16, 18, 18, 32, 36, 72, 104]
+    assert [ladder_down(n) for n in (16, 17, 31, 33, 71, 100)] == [16, 16, 30, 32, 64, 96]

@@ -49,6 +49,7 @@ class TranslationTask:
             num_shards=dist.world_size,
             shard=dist.rank,
             max_sentences=cfg.max_sentences or None,
+            ladder=cfg.shape_ladder,
         )
         # On a GPU the next batch is built, pinned and copied while the current one computes.
         self.prefetch = device.type == "cuda"
@@ -83,7 +84,7 @@ class TranslationTask:
         return self.sampler.state_dict(), self._loader.submit(self._load, indices)
 
     def _load(self, indices) -> Batch:
-        batch = self.train_data.collate(indices)
+        batch = self.train_data.collate(indices, self.cfg.shape_ladder)
         return (batch.pin_memory() if self.device.type == "cuda" else batch).to(self.device)
 
     def _sampler_state(self) -> dict:
@@ -108,9 +109,10 @@ class TranslationTask:
             self.valid_data.tgt_lengths,
             self.cfg.max_tokens,
             shuffle=False,
+            ladder=self.cfg.shape_ladder,
         )
         for indices in valid_sampler:
-            batch = self.valid_data.collate(indices).to(self.device)
+            batch = self.valid_data.collate(indices, self.cfg.shape_ladder).to(self.device)
             _, nll, n = sequence_loss(model, batch, 0.0)
             nll_sum += nll.double()  # summed on the device: one synchronization in all
             tokens += n
