@@ -10,8 +10,9 @@ stops when none is left.
 Scores are sums of log-probabilities; beam search ranks finished hypotheses by a length-
 normalized score, the length counting EOS:
 - `average` (the default, as fairseq): score / length ** lenpen; lenpen 1.0 ranks by the mean
-  log-probability per token, which gives full-length output (on Multi30k test2016 the length
-  ratio to the reference went from 0.88-0.91 to about 1.0);
+  log-probability per token (on Multi30k test2016, a three-way tied Transformer after 1,000
+  updates: length ratio 0.93 instead of GNMT 1.0's 0.91, +0.5 BLEU; after 2,000 updates,
+  0.97-1.01 for every model tried);
 - `gnmt` (Wu et al. 2016): score / ((5 + length) / 6) ** lenpen. Its correction grows more
   slowly than the length, so it prefers short outputs unless lenpen is well above 1.
 """

@@ -243,15 +243,9 @@ class TokenBucketSampler:
         self._cache = (epoch, batches)
         return batches
 
-    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        """This worker's batches of a whole epoch (from its start), in the order they are yielded."""
-        batches = self.global_batches(epoch)
-        usable = len(batches) - len(batches) % self.num_shards
-        return batches[self.shard : usable : self.num_shards]
-
     def __len__(self) -> int:
-        """Number of this worker's batches in the current epoch."""
-        return len(self.epoch_batches(self.epoch))
+        """Number of this worker's batches in the current epoch (every worker has as many)."""
+        return len(self.global_batches(self.epoch)) // self.num_shards
 
     def next_batch(self) -> np.ndarray:
         """The next batch; the state then points past it (into the next epoch if it was last)."""

@@ -7,7 +7,7 @@ It works through the rows in chunks of at most 4M elements: on the CPU, glibc se
 allocations above 32 MB with fresh pages from mmap every time (page faults cost more than the
 arithmetic here), smaller ones come from reused heap memory. On a GPU, where every chunk
 costs a handful of kernel launches, chunks are sized for memory instead (1/8 G elements, so
-a 4,000-token batch of a 90K vocabulary is one chunk, not 900). The loss equals
+a 4,000-token batch of a 90K vocabulary is 3 chunks, not 700). The loss equals
 F.cross_entropy(..., label_smoothing=eps, reduction="sum"), and unlike that call it never
 stores the log-probabilities for the backward pass: memory is the logits and their gradient.
 """
