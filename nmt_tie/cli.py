@@ -124,7 +124,7 @@ def _add_params(sub) -> None:
         "against its untied twin. TARGET is a checkpoint (.pt) or a config YAML (vocabulary sizes "
         "from its `data`, or --data); without TARGET the model is described by the flags.",
     )
-    p.add_argument("target", nargs="?", type=Path, help="checkpoint or config file")
+    p.add_argument("target", nargs="?", type=Path, help="checkpoint, export directory or config file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--data", help="prepared data directory (for a config)")
     p.add_argument("--tie-modes", help="comma-separated tying modes to compare, e.g. none,decoder,all")
@@ -153,8 +153,14 @@ def _run_params(args) -> None:
         if mode not in TIE_MODES:
             raise UserError(f"--tie-modes: {mode!r} is not one of {', '.join(TIE_MODES)}")
     vocab = None
-    checkpoint = state_dict = None
-    if args.target is not None and args.target.suffix in (".pt", ".ckpt"):
+    checkpoint = state_dict = export = None
+    if args.target is not None and args.target.is_dir():
+        from nmt_tie.config import ModelConfig
+        from nmt_tie.deploy import read_metadata
+
+        export = read_metadata(args.target)
+        config = ModelConfig(**export["model_config"])
+    elif args.target is not None and args.target.suffix in (".pt", ".ckpt"):
         from nmt_tie.checkpoint import load_checkpoint, model_config_of
 
         payload = load_checkpoint(args.target)
@@ -216,9 +222,13 @@ def _run_params(args) -> None:
         }
         if checkpoint is not None:
             result["checkpoint_bytes"] = checkpoint.stat().st_size
+        if export is not None:
+            result["export"] = report.export_summary(args.target, export)
         print(json.dumps(result, indent=2))
     else:
         print(report.format_params(model, untied, checkpoint, state_dict))
+        if export is not None:
+            print(report.format_export(report.export_summary(args.target, export)))
 
 
 def _add_train(sub) -> None:
@@ -257,7 +267,7 @@ def _add_translate(sub) -> None:
         action="append",
         required=True,
         type=Path,
-        help="checkpoint (repeatable)",
+        help="checkpoint (repeatable: an ensemble), or one directory from `nmt-tie export`",
     )
     p.add_argument("-i", "--input", help="input file (default: stdin; .gz accepted)")
     p.add_argument("-o", "--output", help="output file (default: stdout)")
@@ -282,7 +292,11 @@ def _add_translate(sub) -> None:
     p.add_argument("--max-src-len", type=int, default=256, help="truncate longer inputs (subwords)")
     p.add_argument("--buffer-lines", type=int, default=1000, help="lines read before translating")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        help="compute precision (default: fp32 for a checkpoint, the export's own for an export)",
+    )
     p.set_defaults(handler=_run_translate)
 
 
@@ -302,10 +316,56 @@ def _run_translate(args) -> None:
         max_tokens=args.max_tokens,
         max_src_len=args.max_src_len,
     )
-    translator = Translator.from_checkpoints(
-        args.checkpoint, options, resolve_device(args.device), args.dtype
-    )
+    exports = [path for path in args.checkpoint if path.is_dir()]
+    if exports:
+        from nmt_tie.deploy import ExportedTranslator, is_export
+
+        if len(args.checkpoint) > 1:
+            raise UserError(f"{exports[0]}: an exported model translates alone (no ensembles of exports)")
+        if not is_export(exports[0]):
+            raise UserError(f"{exports[0]} is a directory but not an `nmt-tie export` (no nmt_tie.json)")
+        translator = ExportedTranslator(exports[0], options, args.device, args.dtype)
+    else:
+        translator = Translator.from_checkpoints(
+            args.checkpoint, options, resolve_device(args.device), args.dtype or "fp32"
+        )
     translate_stream(translator, args.input, args.output, args.buffer_lines)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a Transformer checkpoint for shipping (CTranslate2, int8 included)",
+        description="Write a directory that `nmt-tie translate -c DIR` (or CTranslate2 itself) "
+        "translates with: CTranslate2 weights with each tied matrix stored once, the SentencePiece "
+        "model(s), and nmt_tie.json (config, tie mode, SHA-256 of the checkpoint).",
+    )
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--to", default="ctranslate2", choices=["ctranslate2"], help="target engine")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    p.add_argument(
+        "--quantization",
+        default="float32",
+        help="weight type on disk: float32 (default), int8 (about a quarter of the size), "
+        "int8_float32, int8_float16, int8_bfloat16, int16, float16, bfloat16",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing DIR")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args) -> None:
+    from nmt_tie.deploy import export_ctranslate2, export_sizes
+
+    metadata = export_ctranslate2(args.checkpoint, args.out, args.quantization, args.force)
+    sizes = export_sizes(args.out)
+    source = metadata["source_checkpoint_bytes"]
+    print(
+        f"{args.out}: tie {metadata['tie']}, {metadata['quantization']}, model.bin "
+        f"{sizes['model_bin_bytes'] / 1e6:.1f} MB ({sizes['model_bin_bytes'] / source:.0%} of the "
+        f"checkpoint's {source / 1e6:.1f} MB), directory {sizes['directory_bytes'] / 1e6:.1f} MB"
+    )
+    if metadata["projection_folded"]:
+        print("projection P folded into the output layer: its matrix is stored apart from the embedding")
 
 
 def _add_score(sub) -> None:
@@ -487,6 +547,7 @@ ADDERS = [
     _add_data,
     _add_train,
     _add_translate,
+    _add_export,
     _add_score,
     _add_average,
     _add_params,

@@ -134,3 +134,32 @@ def format_modes(result: dict) -> str:
     for mode, entry in result.items():
         lines.append(f"{mode:<10}{entry['params']:>16,}{entry['reduction']:>12.1%}")
     return "\n".join(lines)
+
+
+def export_summary(directory: Path, metadata: dict) -> dict:
+    """Sizes of an export (`nmt-tie export`) against its source checkpoint."""
+    from nmt_tie.deploy import export_sizes
+
+    sizes = export_sizes(directory)
+    source = metadata["source_checkpoint_bytes"]
+    return {
+        "quantization": metadata["quantization"],
+        "source_checkpoint": metadata["source_checkpoint"],
+        "source_checkpoint_bytes": source,
+        **sizes,
+        "fraction_of_source_checkpoint": round(sizes["model_bin_bytes"] / source, 4),
+        "projection_folded": metadata["projection_folded"],
+    }
+
+
+def format_export(summary: dict) -> str:
+    width = 60
+    lines = [
+        "",
+        f"export ({summary['quantization']}) of {summary['source_checkpoint']}:",
+        f"{'  source checkpoint bytes':<{width}}{summary['source_checkpoint_bytes']:>14,}",
+        f"{'  model.bin bytes (what ships)':<{width}}{summary['model_bin_bytes']:>14,}",
+        f"{'  directory bytes (with vocabularies, SentencePiece)':<{width}}{summary['directory_bytes']:>14,}",
+        f"{'  model.bin / source checkpoint':<{width}}{summary['fraction_of_source_checkpoint']:>14.1%}",
+    ]
+    return "\n".join(lines)

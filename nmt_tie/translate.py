@@ -25,7 +25,7 @@ from nmt_tie.data.text import decode_line
 from nmt_tie.data.tokenizer import EOS_ID, TextProcessor
 from nmt_tie.devices import autocast_context, effective_dtype
 from nmt_tie.errors import UserError
-from nmt_tie.search import Ensemble, beam_search, greedy_search, max_lengths
+from nmt_tie.search import Ensemble, Hypothesis, beam_search, greedy_search, max_lengths
 
 
 @dataclass
@@ -40,7 +40,45 @@ class SearchOptions:
     max_src_len: int = 256  # longer inputs are truncated (with a warning)
 
 
-class Translator:
+class TextTranslator:
+    """Raw text to translations around a search over piece ids (`translate_ids`): encoding,
+    truncation of over-long inputs, empty lines, decoding. Subclasses run the search."""
+
+    def __init__(
+        self,
+        src: TextProcessor,
+        tgt: TextProcessor,
+        options: SearchOptions | None = None,
+        warn: Callable[[str], None] | None = None,
+    ):
+        self.src, self.tgt = src, tgt
+        self.options = options or SearchOptions()
+        self.warn = warn or (lambda message: print(message, file=sys.stderr))
+
+    def translate_ids(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
+        """Hypotheses (best first) for id sequences (without EOS), in input order."""
+        raise NotImplementedError
+
+    def translate(
+        self, lines: list[str], first_line: int = 1, name: str = "input"
+    ) -> list[list[tuple[str, float]]]:
+        """(text, score) hypotheses per line; empty lines get an empty hypothesis list."""
+        todo = [i for i, line in enumerate(lines) if line.strip()]
+        encoded = self.src.encode([lines[i] for i in todo])
+        limit = self.options.max_src_len
+        for i, ids in zip(todo, encoded, strict=True):
+            if len(ids) > limit:
+                self.warn(f"{name}:{first_line + i}: {len(ids)} subwords, truncated to {limit}")
+                del ids[limit:]
+        out: list[list[tuple[str, float]]] = [[] for _ in lines]
+        for i, hyps in zip(todo, self.translate_ids(encoded), strict=True):
+            out[i] = [(self.tgt.decode(h.tokens), h.score) for h in hyps]
+        return out
+
+
+class Translator(TextTranslator):
+    """Translation with nmt-tie checkpoints (one, or several as an ensemble) in PyTorch."""
+
     def __init__(
         self,
         models: list,
@@ -51,12 +89,10 @@ class Translator:
         dtype: str = "fp32",
         warn: Callable[[str], None] | None = None,
     ):
+        super().__init__(src, tgt, options, warn)
         self.ensemble = Ensemble(models)
-        self.src, self.tgt = src, tgt
-        self.options = options or SearchOptions()
         self.device = torch.device(device)
         self.dtype = effective_dtype(self.device, dtype)
-        self.warn = warn or (lambda message: print(message, file=sys.stderr))
 
     @classmethod
     def from_checkpoints(cls, paths: list, options=None, device="cpu", dtype="fp32", warn=None):
@@ -100,22 +136,6 @@ class Translator:
                 results[i] = hyps
             start += size
         return results
-
-    def translate(
-        self, lines: list[str], first_line: int = 1, name: str = "input"
-    ) -> list[list[tuple[str, float]]]:
-        """(text, score) hypotheses per line; empty lines get an empty hypothesis list."""
-        todo = [i for i, line in enumerate(lines) if line.strip()]
-        encoded = self.src.encode([lines[i] for i in todo])
-        limit = self.options.max_src_len
-        for i, ids in zip(todo, encoded, strict=True):
-            if len(ids) > limit:
-                self.warn(f"{name}:{first_line + i}: {len(ids)} subwords, truncated to {limit}")
-                del ids[limit:]
-        out: list[list[tuple[str, float]]] = [[] for _ in lines]
-        for i, hyps in zip(todo, self.translate_ids(encoded), strict=True):
-            out[i] = [(self.tgt.decode(h.tokens), h.score) for h in hyps]
-        return out
 
 
 def _decoded_batches(raw_lines, name: str, max_lines: int, flush_on_pause: bool = False):
@@ -179,7 +199,7 @@ def gzip_line_batches(path: str, max_lines: int) -> Iterator[tuple[int, list[str
 
 
 def translate_stream(
-    translator: Translator, source: str | None, target: str | None, buffer_lines: int = 1000
+    translator: TextTranslator, source: str | None, target: str | None, buffer_lines: int = 1000
 ) -> int:
     """Translate a file (or stdin) into a file (or stdout); return the number of lines."""
     name = source or "<stdin>"
