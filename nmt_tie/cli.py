@@ -288,7 +288,11 @@ def _add_translate(sub) -> None:
     p.add_argument("--max-len-a", type=float, default=1.5, help="output length limit a * source + b")
     p.add_argument("--max-len-b", type=int, default=10)
     p.add_argument("--nbest", type=int, default=1, help="print the K best: line number, score, text")
-    p.add_argument("--max-tokens", type=int, default=4096, help="source tokens per batch")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        help="source tokens per batch (default 4096 for a checkpoint, 512 for an export)",
+    )
     p.add_argument("--max-src-len", type=int, default=256, help="truncate longer inputs (subwords)")
     p.add_argument("--buffer-lines", type=int, default=1000, help="lines read before translating")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -301,7 +305,6 @@ def _add_translate(sub) -> None:
 
 
 def _run_translate(args) -> None:
-    from nmt_tie.devices import resolve_device
     from nmt_tie.translate import SearchOptions, Translator, translate_stream
 
     if args.beam < 1 or args.nbest < 1 or args.nbest > args.beam:
@@ -313,19 +316,22 @@ def _run_translate(args) -> None:
         max_len_a=args.max_len_a,
         max_len_b=args.max_len_b,
         nbest=args.nbest,
-        max_tokens=args.max_tokens,
+        max_tokens=args.max_tokens or 4096,
         max_src_len=args.max_src_len,
     )
     exports = [path for path in args.checkpoint if path.is_dir()]
     if exports:
-        from nmt_tie.deploy import ExportedTranslator, is_export
+        from nmt_tie.deploy import EXPORT_MAX_TOKENS, ExportedTranslator, is_export
 
+        options.max_tokens = args.max_tokens or EXPORT_MAX_TOKENS
         if len(args.checkpoint) > 1:
             raise UserError(f"{exports[0]}: an exported model translates alone (no ensembles of exports)")
         if not is_export(exports[0]):
             raise UserError(f"{exports[0]} is a directory but not an `nmt-tie export` (no nmt_tie.json)")
         translator = ExportedTranslator(exports[0], options, args.device, args.dtype)
     else:
+        from nmt_tie.devices import resolve_device
+
         translator = Translator.from_checkpoints(
             args.checkpoint, options, resolve_device(args.device), args.dtype or "fp32"
         )

@@ -1,9 +1,11 @@
 """`nmt-tie compare`: one table and one plot over training runs.
 
 Reads only what runs wrote: `config.yaml` (the resolved config), `log.jsonl` (validation
-records), `best.pt` (its size on disk), and `*.score.json` files written by
-`nmt-tie score --out` (test BLEU/chrF). Parameter counts come from the config, so the table
-shows the untied twin's size and the reduction for every run.
+records), `best.pt` (its size on disk), `*.score.json` files written by
+`nmt-tie score --out` (test BLEU/chrF), and exports made by `nmt-tie export` into
+sub-directories of the run (the smallest is what ships). Parameter counts come from the
+config, so the table shows the untied twin's size and the reduction for every run; the
+shipped size is also given as a share of the untied twin in float32 (4 bytes a parameter).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class RunSummary:
     minutes: float
     valid_curve: list[tuple[int, float]]
     tests: dict[str, dict] = field(default_factory=dict)  # test name -> {"bleu": x, "chrf": y}
+    shipped: tuple[str, int] | None = None  # (quantization, model.bin bytes) of the smallest export
 
     @property
     def reduction(self) -> float:
@@ -67,6 +70,11 @@ def summarize_run(path: Path) -> RunSummary:
         scores = json.loads(score_file.read_text())
         tests[score_file.name.removesuffix(".score.json")] = {k: v["score"] for k, v in scores.items()}
     pair = _pair_of(train_cfg.data)
+    exports = [
+        (json.loads(meta.read_text()).get("quantization", "?"), (meta.parent / "model.bin").stat().st_size)
+        for meta in sorted(path.glob("*/nmt_tie.json"))
+        if (meta.parent / "model.bin").is_file()
+    ]
     return RunSummary(
         name=path.name,
         path=path,
@@ -82,6 +90,7 @@ def summarize_run(path: Path) -> RunSummary:
         minutes=max((r.get("elapsed", 0.0) for r in records), default=0.0) / 60,
         valid_curve=[(r["update"], r["bleu"]) for r in valid if "bleu" in r],
         tests=tests,
+        shipped=min(exports, key=lambda e: e[1]) if exports else None,
     )
 
 
@@ -111,6 +120,9 @@ def comparison_table(runs: list[RunSummary]) -> str:
     header = ["run", "pair", "arch", "tie", "seed", "params", "reduction", "checkpoint MB", "valid BLEU"]
     for name in test_names:
         header += [f"{name} BLEU", f"{name} chrF"]
+    shipping = any(run.shipped for run in runs)
+    if shipping:
+        header += ["shipped MB", "of untied fp32"]
     header += ["updates", "minutes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
@@ -128,6 +140,8 @@ def comparison_table(runs: list[RunSummary]) -> str:
         for name in test_names:
             scores = run.tests.get(name, {})
             row += [_fmt(scores.get("bleu"), ".2f"), _fmt(scores.get("chrf"), ".2f")]
+        if shipping:
+            row += _shipped_cells(run)
         row += [str(run.updates), f"{run.minutes:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
     groups = _groups(runs)
@@ -154,6 +168,13 @@ def comparison_table(runs: list[RunSummary]) -> str:
                 row += [_mean_spread([s["bleu"] for s in scored]), _mean_spread([s["chrf"] for s in scored])]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _shipped_cells(run: RunSummary) -> list[str]:
+    if run.shipped is None:
+        return ["-", "-"]
+    quantization, size = run.shipped
+    return [f"{size / 1e6:.1f} ({quantization})", f"{size / (4 * run.untied_params):.1%}"]
 
 
 def _groups(runs: list[RunSummary]) -> dict[tuple, list[RunSummary]]:

@@ -20,18 +20,12 @@ normalized score, the length counting EOS:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from nmt_tie.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from nmt_tie.model.seq2seq import EncoderDecoder
-
-
-@dataclass
-class Hypothesis:
-    tokens: list[int]  # without BOS and EOS
-    score: float  # length-normalized log-probability (beam) or log-probability (greedy)
+from nmt_tie.translate import Hypothesis
 
 
 class Ensemble:

@@ -5,6 +5,11 @@ line, an over-long one is truncated (with a warning naming the line). Input is r
 buffers of lines that are sorted by length into batches of at most `max_tokens` source
 tokens, translated, and written back in input order as soon as a buffer is done; from a
 pipe, whatever lines have arrived are translated without waiting for a full buffer.
+
+`TextTranslator` does the text side for any search; `Translator` searches with PyTorch
+checkpoints, `nmt_tie.deploy.ExportedTranslator` with CTranslate2 exports. This module
+imports PyTorch only when a `Translator` is made, so translating through an export never
+loads it (about 160 MB and a second of start-up less).
 """
 
 from __future__ import annotations
@@ -16,16 +21,22 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from nmt_tie.checkpoint import load_checkpoint, load_model, processors_from
-from nmt_tie.data.batching import pad_sequences
 from nmt_tie.data.text import decode_line
 from nmt_tie.data.tokenizer import EOS_ID, TextProcessor
-from nmt_tie.devices import autocast_context, effective_dtype
 from nmt_tie.errors import UserError
-from nmt_tie.search import Ensemble, Hypothesis, beam_search, greedy_search, max_lengths
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class Hypothesis:
+    """What a search returns for one sentence (best first in lists)."""
+
+    tokens: list[int]  # without BOS and EOS
+    score: float  # length-normalized log-probability (beam) or log-probability (greedy)
 
 
 @dataclass
@@ -89,6 +100,11 @@ class Translator(TextTranslator):
         dtype: str = "fp32",
         warn: Callable[[str], None] | None = None,
     ):
+        import torch
+
+        from nmt_tie.devices import effective_dtype
+        from nmt_tie.search import Ensemble
+
         super().__init__(src, tgt, options, warn)
         self.ensemble = Ensemble(models)
         self.device = torch.device(device)
@@ -96,6 +112,10 @@ class Translator(TextTranslator):
 
     @classmethod
     def from_checkpoints(cls, paths: list, options=None, device="cpu", dtype="fp32", warn=None):
+        import torch
+
+        from nmt_tie.checkpoint import load_checkpoint, load_model, processors_from
+
         payloads = [load_checkpoint(p) for p in paths]
         for path, payload in zip(paths, payloads, strict=True):
             if payload.get("kind") == "lm":
@@ -113,6 +133,9 @@ class Translator(TextTranslator):
         return cls(models, src, tgt, options, device, dtype, warn)
 
     def _search(self, src: torch.Tensor) -> list[list]:
+        from nmt_tie.devices import autocast_context
+        from nmt_tie.search import beam_search, greedy_search, max_lengths
+
         opts = self.options
         limit = max_lengths(src, opts.max_len_a, opts.max_len_b)
         with autocast_context(self.device, self.dtype):
@@ -124,6 +147,8 @@ class Translator(TextTranslator):
 
     def translate_ids(self, sources: list[list[int]]) -> list[list]:
         """Hypotheses (best first) for id sequences, batched by length; input order kept."""
+        from nmt_tie.data.batching import pad_sequences
+
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]), reverse=True)
         results: list = [None] * len(sources)
         start = 0

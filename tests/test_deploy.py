@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from nmt_tie.data.prepare import PreparedData
 from nmt_tie.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from nmt_tie.errors import UserError
 from nmt_tie.model.seq2seq import build_model, configure_for_data
-from nmt_tie.report import count_unique
+from nmt_tie.report import count_unique, mode_config
 from nmt_tie.training.trainer import Trainer
 from nmt_tie.training.translation import TranslationTask
 from nmt_tie.translate import SearchOptions, Translator
@@ -192,6 +193,14 @@ def test_translate_through_an_export_from_the_command_line(trained, tmp_path, ca
     )
     rows = [line.split("\t") for line in stdout.splitlines()]
     assert [r[0] for r in rows if r[0] == "1"] == ["1"] * 3
+    # translating through an export never loads PyTorch
+    script = (
+        "import sys; from nmt_tie.cli import main; "
+        f"main(['translate', '-c', {str(tmp_path / 'int8')!r}, '-i', {str(tmp_path / 'in.en')!r}, "
+        f"'-o', {str(tmp_path / 'out.de')!r}]); assert 'torch' not in sys.modules, 'torch loaded'"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert (tmp_path / "out.de").read_text().split("\n")[0] == out_lines[0]
     code, stdout, _ = run_cli(capsys, "params", str(tmp_path / "int8"), "--json")
     summary = json.loads(stdout)
     assert summary["export"]["quantization"] == "int8"
@@ -225,3 +234,24 @@ def test_exports_refuse_what_ctranslate2_cannot_do(prepared, tmp_path, capsys, m
     monkeypatch.setitem(sys.modules, "ctranslate2", None)  # as if not installed
     code, _, err = run_cli(capsys, "export", str(checkpoint), "--out", str(tmp_path / "y"))
     assert code == 2 and "pip install 'nmt-tie[ctranslate2]'" in err
+
+
+def test_compare_reports_the_shipped_size_of_a_runs_export(trained, capsys):
+    from nmt_tie.compare import compare
+
+    run_dir = trained.parent
+    export_ctranslate2(trained, run_dir / "export-int8", quantization="int8", force=True)
+    export_ctranslate2(trained, run_dir / "export-float32", force=True)
+    table = compare([run_dir])
+    header, _, row = table.splitlines()[:3]
+    cells = dict(zip(header.strip("| ").split(" | "), row.strip("| ").split(" | "), strict=True))
+    int8 = (run_dir / "export-int8" / "model.bin").stat().st_size
+    assert cells["shipped MB"] == f"{int8 / 1e6:.1f} (int8)"  # the smallest export is what ships
+    untied = count_unique(build_model(mode_config(_model_of(trained).config, "none")))
+    assert cells["of untied fp32"] == f"{int8 / (4 * untied):.1%}"
+
+
+def _model_of(checkpoint: Path):
+    from nmt_tie.checkpoint import load_checkpoint, load_model
+
+    return load_model(load_checkpoint(checkpoint))

@@ -1,69 +1,121 @@
-"""Benchmark: translation speed and memory.
+"""Benchmark: translation speed, memory, quality and size, PyTorch and CTranslate2 exports.
 
-For each checkpoint (a small Transformer and a small RNN from the Multi30k recipe), precision
-(fp32, bf16) and search (greedy, beam 5), translates Multi30k test2016 (1,000 sentences) and
-prints sentences/s and output tokens/s (subwords including EOS; best of two passes, as this
-machine is shared). Then it runs `nmt-tie translate` on 100,000 lines read from a pipe and
-reports its peak resident memory next to the peak for 10,000 lines, in fp32 and bf16.
+For each checkpoint, translates Multi30k test2016 (1,000 sentences) with every engine asked
+for and prints one row each: output pieces/s (subwords including EOS, as fairseq counts;
+best of two passes after a warm-up), sentences/s, the peak resident memory of the process
+that did it (each row runs in a fresh process), sacreBLEU against the references, the
+hypothesis/reference length ratio, the share of sentences translated exactly as nmt-tie's
+own fp32 search does, and the bytes on disk of what was loaded.
 
-    python recipes/benchmarks/translate_speed.py CHECKPOINT [CHECKPOINT ...] [--stream-lines 100000]
+Engines (--engines):
+- `pytorch-fp32`, `pytorch-bf16`: `nmt-tie translate` on the checkpoint;
+- `export-float32`, `export-int8`: `nmt-tie translate -c DIR` on a CTranslate2 export
+  (made here with `nmt-tie export`), tokenization and detokenization included;
+- `ct2-float32`, `ct2-int8`: the same exports called directly with pre-tokenized pieces
+  (`ctranslate2.Translator.translate_batch`), to show what nmt-tie's wrapper costs.
+
+Then `nmt-tie translate` on 100,000 lines from a pipe, peak RSS next to 10,000 lines.
+
+    python recipes/benchmarks/translate_speed.py CHECKPOINT [...] [--beams 1,5] [--stream-lines 100000]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from nmt_tie.data.locations import data_root
 from nmt_tie.data.text import read_lines
 
+TEST = "test_2016_flickr"
+ENGINES = ("pytorch-fp32", "pytorch-bf16", "export-float32", "export-int8", "ct2-float32", "ct2-int8")
 
-def speed(checkpoint: Path, dtype: str, beam: int, lines: list[str]) -> dict:
-    from nmt_tie.translate import SearchOptions, Translator
 
-    translator = Translator.from_checkpoints([checkpoint], SearchOptions(beam=beam, lenpen=1.0), dtype=dtype)
-    sources = translator.src.encode(lines)
-    translator.translate_ids(sources[:50])  # warm-up
+def _best_of_two(run):
+    run(slice(0, 50))  # warm-up
     best = None
     for _ in range(2):
         start = time.perf_counter()
-        hypotheses = translator.translate_ids(sources)
+        result = run(slice(None))
         seconds = time.perf_counter() - start
         if best is None or seconds < best[0]:
-            best = (seconds, hypotheses)
-    seconds, hypotheses = best
-    tokens = sum(len(h[0].tokens) + 1 for h in hypotheses)
-    arch = translator.ensemble.models[0].config.arch
-    return {
-        "arch": arch,
-        "dtype": dtype,
-        "beam": beam,
-        "sent_s": len(lines) / seconds,
-        "tok_s": tokens / seconds,
-    }
+            best = (seconds, result)
+    return best
+
+
+def measure(engine: str, model: str, beam: int, lines: list[str]) -> dict:
+    """Translate `lines`; (seconds, output pieces incl. EOS, detokenized hypotheses)."""
+    import torch
+
+    from nmt_tie.translate import SearchOptions, Translator
+
+    options = SearchOptions(beam=beam, lenpen=1.0)
+    threads = torch.get_num_threads()
+    if engine.startswith("pytorch"):
+        translator = Translator.from_checkpoints([Path(model)], options, dtype=engine.split("-")[1])
+    else:
+        from nmt_tie.deploy import EXPORT_MAX_TOKENS, ExportedTranslator
+
+        options.max_tokens = EXPORT_MAX_TOKENS  # as `nmt-tie translate` on an export
+        translator = ExportedTranslator(model, options, threads=threads)
+    sources = translator.src.encode(lines)
+    if engine.startswith("ct2"):
+        pieces = [translator.src.pieces(ids) for ids in sources]
+
+        def run(part):
+            return translator.engine.translate_batch(
+                pieces[part],
+                beam_size=beam,
+                length_penalty=1.0 if beam > 1 else 0.0,
+                max_batch_size=options.max_tokens,
+                batch_type="tokens",
+                max_decoding_length=int((max(map(len, sources)) + 1) * options.max_len_a + options.max_len_b),
+            )
+
+        seconds, results = _best_of_two(run)
+        index = translator.tgt.vocab.index
+        ids = [[index[p] for p in r.hypotheses[0]] for r in results]
+    else:
+
+        def run(part):
+            return translator.translate_ids(sources[part])
+
+        seconds, results = _best_of_two(run)
+        ids = [h[0].tokens if h else [] for h in results]
+    hypotheses = [translator.tgt.decode(t) for t in ids]
+    return {"seconds": seconds, "pieces": sum(len(t) + 1 for t in ids), "hypotheses": hypotheses}
+
+
+def run_row(engine: str, model: str, beam: int) -> dict:
+    """One row in a fresh process: its own peak RSS."""
+    spec = json.dumps({"engine": engine, "model": model, "beam": beam})
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
+        process = subprocess.Popen([sys.executable, __file__, "--row", spec, "--row-out", out.name])
+        _, status, usage = os.wait4(process.pid, 0)
+        if status != 0:
+            raise SystemExit(f"{engine} on {model} failed")
+        result = json.loads(Path(out.name).read_text())
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    return result
+
+
+def disk_bytes(model: str) -> int:
+    path = Path(model)
+    if path.is_dir():
+        return (path / "model.bin").stat().st_size
+    return path.stat().st_size
 
 
 def streaming_peak_rss(checkpoint: Path, lines: list[str], count: int, dtype: str) -> tuple[float, float]:
     """(peak RSS in MB, seconds) of `nmt-tie translate` (greedy) on `count` piped lines."""
-    command = [
-        sys.executable,
-        "-m",
-        "nmt_tie",
-        "translate",
-        "-c",
-        str(checkpoint),
-        "--beam",
-        "1",
-        "--dtype",
-        dtype,
-        "-o",
-        "/dev/null",
-    ]
+    command = [sys.executable, "-m", "nmt_tie", "translate", "-c", str(checkpoint), "--beam", "1"]
+    command += ["--dtype", dtype, "-o", "/dev/null"]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdin=subprocess.PIPE, text=True)
     for i in range(count):
@@ -74,28 +126,77 @@ def streaming_peak_rss(checkpoint: Path, lines: list[str], count: int, dtype: st
     return usage.ru_maxrss / 1024, seconds
 
 
+def exported(checkpoint: Path, quantization: str, directory: Path) -> Path:
+    from nmt_tie.deploy import export_ctranslate2
+
+    out = directory / f"{checkpoint.parent.name}-{checkpoint.stem}-{quantization}"
+    export_ctranslate2(checkpoint, out, quantization, force=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("checkpoints", nargs="+", type=Path)
+    parser.add_argument("checkpoints", nargs="*", type=Path)
+    parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated: {', '.join(ENGINES)}")
+    parser.add_argument("--beams", default="5", help="comma-separated beam sizes (1 = greedy)")
+    parser.add_argument("--exports", type=Path, help="where to write the exports (default: a temporary dir)")
     parser.add_argument("--stream-lines", type=int, default=100_000)
     parser.add_argument("--stream-dtypes", default="fp32,bf16", help="'' to skip the memory test")
-    parser.add_argument("--no-speed", action="store_true", help="only the memory test")
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument("--row-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     multi30k = data_root() / "multi30k"
-    test = list(read_lines(multi30k / "test_2016_flickr.en.gz"))
-    if not args.no_speed:
-        print(f"{'arch':<12}{'dtype':<6}{'search':<8}{'sent/s':>9}{'tok/s':>9}")
-        for checkpoint, dtype, beam in itertools.product(args.checkpoints, ("fp32", "bf16"), (1, 5)):
-            r = speed(checkpoint, dtype, beam, test)
-            search = "greedy" if beam == 1 else f"beam {beam}"
-            print(
-                f"{r['arch']:<12}{r['dtype']:<6}{search:<8}{r['sent_s']:>9.1f}{r['tok_s']:>9.0f}",
-                flush=True,
-            )
+    lines = list(read_lines(multi30k / f"{TEST}.en.gz"))
+    if args.row:
+        row = json.loads(args.row)
+        Path(args.row_out).write_text(json.dumps(measure(row["engine"], row["model"], row["beam"], lines)))
+        return
+
+    import sacrebleu
+
+    references = list(read_lines(multi30k / f"{TEST}.de.gz"))
+    engines = args.engines.split(",")
+    export_dir = args.exports or Path(tempfile.mkdtemp(prefix="nmt-tie-exports-"))
+    header = (
+        f"{'model':<28}{'engine':<16}{'search':<8}{'pieces/s':>9}{'sent/s':>8}{'RSS MB':>8}"
+        f"{'BLEU':>7}{'ratio':>7}{'same':>7}{'MB on disk':>11}"
+    )
+    print(header, flush=True)
+    for checkpoint in args.checkpoints:
+        name = checkpoint.parent.name[-27:]
+        models = {}
+        for engine in engines:
+            kind, _, precision = engine.partition("-")
+            if kind == "pytorch":
+                models[engine] = str(checkpoint)
+            else:
+                models[engine] = str(exported(checkpoint, precision, export_dir))
+        for beam in map(int, args.beams.split(",")):
+            reference_hyps = None
+            for engine in engines:
+                row = run_row(engine, models[engine], beam)
+                hyps = row["hypotheses"]
+                if reference_hyps is None and engine == "pytorch-fp32":
+                    reference_hyps = hyps
+                bleu = sacrebleu.corpus_bleu(hyps, [references])
+                same = (
+                    "-"
+                    if reference_hyps is None
+                    else f"{sum(map(str.__eq__, hyps, reference_hyps)) / len(hyps):.1%}"
+                )
+                search = "greedy" if beam == 1 else f"beam {beam}"
+                print(
+                    f"{name:<28}{engine:<16}{search:<8}{row['pieces'] / row['seconds']:>9.0f}"
+                    f"{len(lines) / row['seconds']:>8.1f}{row['peak_rss_mb']:>8.0f}{bleu.score:>7.2f}"
+                    f"{bleu.sys_len / bleu.ref_len:>7.3f}{same:>7}{disk_bytes(models[engine]) / 1e6:>11.1f}",
+                    flush=True,
+                )
     train = list(read_lines(multi30k / "train.en.gz"))
     for dtype in filter(None, args.stream_dtypes.split(",")):
+        if not args.checkpoints:
+            break
         # bf16 grows more than fp32 before levelling off: oneDNN keeps kernels per matrix shape
         small, _ = streaming_peak_rss(args.checkpoints[0], train, args.stream_lines // 10, dtype)
         large, seconds = streaming_peak_rss(args.checkpoints[0], train, args.stream_lines, dtype)

@@ -18,6 +18,7 @@ multi30k_en_de --dest DIR` downloads it; then set NMT_TIE_DATA=DIR).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shlex
 import subprocess
 import sys
@@ -82,6 +83,13 @@ def main() -> None:
     )
     parser.add_argument("--patience", type=int, default=5, help="with --converge (default 5)")
     parser.add_argument("--average", type=int, default=5, help="with --converge: checkpoints averaged")
+    parser.add_argument(
+        "--export",
+        default="int8",
+        help="also export each model to CTranslate2 with this quantization, translate the test set "
+        "through the export and report the shipped size (default int8; 'none' to skip; needs "
+        "`pip install nmt-tie[ctranslate2]`)",
+    )
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--lenpen", type=float, default=1.0)
     parser.add_argument("--runs", type=Path, default=Path("runs/multi30k"), help="output directory")
@@ -103,6 +111,13 @@ def main() -> None:
 
     src, tgt = args.pair.split("-")
     multi30k = data_root() / "multi30k"
+    export = None if args.export == "none" else args.export
+    if export and args.arch != "transformer":
+        print("--export: CTranslate2 has no counterpart of the paper's RNN; not exporting", flush=True)
+        export = None
+    if export and importlib.util.find_spec("ctranslate2") is None:
+        print("--export: ctranslate2 is not installed (pip install 'nmt-tie[ctranslate2]'); not exporting")
+        export = None
     data_dir = args.runs / f"data-{args.pair}"
     run(
         "prepare",
@@ -147,6 +162,10 @@ def main() -> None:
                 checkpoints[f"{TEST_SET}.averaged"] = average_around_best(run_dir, args.average)
             for name, checkpoint in checkpoints.items():
                 translate_and_score(checkpoint, run_dir, name, multi30k, src, tgt, args)
+            if export:
+                shipped = export_model(checkpoints[TEST_SET], run_dir / f"export-{export}", export)
+                name = f"{TEST_SET}.export-{export}"
+                translate_and_score(shipped, run_dir, name, multi30k, src, tgt, args)
     report = args.runs / f"report-{args.pair}-{args.arch}.md"
     run("compare", *map(str, run_dirs), "-o", str(report), "--plot", str(report.with_suffix(".png")))
     print(f"\ntable: {report}\nplot:  {report.with_suffix('.png')}")
@@ -164,6 +183,12 @@ def average_around_best(run_dir: Path, count: int) -> Path:
     if not up_to_date(averaged, run_dir / "best.pt"):
         run("average", *map(str, chosen), "-o", str(averaged))
     return averaged
+
+
+def export_model(checkpoint: Path, out: Path, quantization: str) -> Path:
+    if not up_to_date(out / "model.bin", checkpoint):
+        run("export", str(checkpoint), "--out", str(out), "--quantization", quantization, "--force")
+    return out
 
 
 def translate_and_score(checkpoint: Path, run_dir: Path, name: str, multi30k: Path, src, tgt, args):
@@ -184,8 +209,7 @@ def translate_and_score(checkpoint: Path, run_dir: Path, name: str, multi30k: Pa
         str(args.beam),
         "--lenpen",
         str(args.lenpen),
-        "--dtype",
-        "bf16",
+        *([] if checkpoint.is_dir() else ["--dtype", "bf16"]),  # an export runs in its own type
     )
     run("score", str(hypotheses), str(split_file(multi30k / TEST_SET, tgt)), "--out", str(score))
 
