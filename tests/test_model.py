@@ -111,6 +111,31 @@ def test_incremental_decoding_equals_the_full_forward_pass(arch, norm):
     torch.testing.assert_close(torch.stack(steps, 1), full, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_kernels_equal_the_textbook_formula_with_masks(dtype, causal):
+    """fp32 takes PyTorch's fused kernel, bf16 on the CPU the explicit path: both must be
+    softmax(q k^T / sqrt(d) + mask) v, with padded keys (encoder, cross-attention) or future
+    positions (decoder self-attention, which has no padded keys: they come last) masked."""
+    from nmt_tie.model.transformer import attention
+
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(3, 2, 6, 8) for _ in range(3))
+    key_mask = torch.ones(3, 1, 1, 6, dtype=torch.bool)
+    key_mask[0, ..., 4:] = False  # padding
+    key_mask[1, ..., 2:] = False
+    scores = q @ k.transpose(-1, -2) / 8**0.5
+    if causal:
+        key_mask = None
+        scores = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    else:
+        scores = scores.masked_fill(~key_mask, float("-inf"))
+    expected = torch.softmax(scores, -1) @ v
+    got = attention(q.to(dtype), k.to(dtype), v.to(dtype), key_mask, causal=causal).float()
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
+
+
 def test_source_padding_does_not_change_the_result():
     torch.manual_seed(3)
     for arch in ARCHS:
