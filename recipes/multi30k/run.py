@@ -29,6 +29,8 @@ from nmt_tie.data.text import split_file
 
 RECIPE = Path(__file__).resolve().parent
 TEST_SET = "test_2016_flickr"
+# The converged results (README's Results), printed under the demo's own short-budget table.
+CONVERGED_TABLE = RECIPE / "results" / "converged" / "table.md"
 
 
 DEMO_UPDATES = 300
@@ -169,6 +171,12 @@ def main() -> None:
     report = args.runs / f"report-{args.pair}-{args.arch}.md"
     run("compare", *map(str, run_dirs), "-o", str(report), "--plot", str(report.with_suffix(".png")))
     print(f"\ntable: {report}\nplot:  {report.with_suffix('.png')}")
+    if args.demo and CONVERGED_TABLE.is_file():
+        print(
+            f"\nThe demo stops after {args.max_updates or 'a few'} updates. The same models trained to "
+            f"convergence ({CONVERGED_TABLE.parent.relative_to(RECIPE.parents[1])}/):\n"
+        )
+        print(CONVERGED_TABLE.read_text().strip())
 
 
 def average_around_best(run_dir: Path, count: int) -> Path:
