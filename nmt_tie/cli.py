@@ -223,12 +223,12 @@ def _run_params(args) -> None:
         if checkpoint is not None:
             result["checkpoint_bytes"] = checkpoint.stat().st_size
         if export is not None:
-            result["export"] = report.export_summary(args.target, export)
+            result["export"] = report.export_summary(args.target, export, untied)
         print(json.dumps(result, indent=2))
     else:
         print(report.format_params(model, untied, checkpoint, state_dict))
         if export is not None:
-            print(report.format_export(report.export_summary(args.target, export)))
+            print(report.format_export(report.export_summary(args.target, export, untied)))
 
 
 def _add_train(sub) -> None:

@@ -136,8 +136,10 @@ def format_modes(result: dict) -> str:
     return "\n".join(lines)
 
 
-def export_summary(directory: Path, metadata: dict) -> dict:
-    """Sizes of an export (`nmt-tie export`) against its source checkpoint."""
+def export_summary(directory: Path, metadata: dict, untied_params: int) -> dict:
+    """Sizes of an export (`nmt-tie export`) against its source checkpoint and against the
+    untied twin in float32 (4 bytes a parameter: what an untied model ships without tying
+    or quantization)."""
     from nmt_tie.deploy import export_sizes
 
     sizes = export_sizes(directory)
@@ -148,6 +150,7 @@ def export_summary(directory: Path, metadata: dict) -> dict:
         "source_checkpoint_bytes": source,
         **sizes,
         "fraction_of_source_checkpoint": round(sizes["model_bin_bytes"] / source, 4),
+        "fraction_of_untied_fp32": round(sizes["model_bin_bytes"] / (4 * untied_params), 4),
         "projection_folded": metadata["projection_folded"],
     }
 
@@ -161,5 +164,6 @@ def format_export(summary: dict) -> str:
         f"{'  model.bin bytes (what ships)':<{width}}{summary['model_bin_bytes']:>14,}",
         f"{'  directory bytes (with vocabularies, SentencePiece)':<{width}}{summary['directory_bytes']:>14,}",
         f"{'  model.bin / source checkpoint':<{width}}{summary['fraction_of_source_checkpoint']:>14.1%}",
+        f"{'  model.bin / untied twin in float32':<{width}}{summary['fraction_of_untied_fp32']:>14.1%}",
     ]
     return "\n".join(lines)

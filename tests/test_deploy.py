@@ -205,6 +205,8 @@ def test_translate_through_an_export_from_the_command_line(trained, tmp_path, ca
     summary = json.loads(stdout)
     assert summary["export"]["quantization"] == "int8"
     assert summary["export"]["model_bin_bytes"] < 0.45 * trained.stat().st_size
+    shipped = summary["export"]["model_bin_bytes"] / (4 * summary["untied_params"])
+    assert summary["export"]["fraction_of_untied_fp32"] == pytest.approx(shipped, abs=1e-4)
     # an existing directory is kept unless --force
     code, _, err = run_cli(capsys, "export", str(trained), "--out", str(tmp_path / "int8"))
     assert code == 2 and "--force" in err
