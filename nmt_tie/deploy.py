@@ -192,7 +192,7 @@ def export_ctranslate2(
     import torch
     from ctranslate2.converters.converter import Converter
 
-    from nmt_tie.checkpoint import load_checkpoint, load_model, model_config_of
+    from nmt_tie.checkpoint import load_checkpoint, load_model, model_config_of, processors_from
 
     checkpoint, out = Path(checkpoint), Path(out)
     if quantization not in QUANTIZATIONS:
@@ -210,8 +210,7 @@ def export_ctranslate2(
         )
     model = load_model(payload).eval()
     vocab = payload["vocab"]
-    src = TextProcessor(vocab["src_lang"], vocab["spm_src"], vocab["moses"])
-    tgt = TextProcessor(vocab["tgt_lang"], vocab["spm_tgt"], vocab["moses"])
+    src, tgt = processors_from(vocab)
     with torch.no_grad():
         spec = transformer_spec(model, config, list(src.vocab.pieces), list(tgt.vocab.pieces))
 
