@@ -49,14 +49,18 @@ def _best_of_two(run):
     return best
 
 
-def measure(engine: str, model: str, beam: int, lines: list[str], max_tokens: int = 4096) -> dict:
+def measure(
+    engine: str, model: str, beam: int, lines: list[str], max_tokens: int = 4096, threads: int = 0
+) -> dict:
     """Translate `lines`; (seconds, output pieces incl. EOS, detokenized hypotheses)."""
     import torch
 
     from nmt_tie.translate import SearchOptions, Translator
 
     options = SearchOptions(beam=beam, lenpen=1.0, max_tokens=max_tokens)
-    threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()  # CTranslate2 gets as many as PyTorch
     if engine.startswith("pytorch"):
         translator = Translator.from_checkpoints([Path(model)], options, dtype=engine.split("-")[1])
     else:
@@ -92,9 +96,11 @@ def measure(engine: str, model: str, beam: int, lines: list[str], max_tokens: in
     return {"seconds": seconds, "pieces": sum(len(t) + 1 for t in ids), "hypotheses": hypotheses}
 
 
-def run_row(engine: str, model: str, beam: int, max_tokens: int) -> dict:
+def run_row(engine: str, model: str, beam: int, max_tokens: int, threads: int) -> dict:
     """One row in a fresh process: its own peak RSS."""
-    spec = json.dumps({"engine": engine, "model": model, "beam": beam, "max_tokens": max_tokens})
+    spec = json.dumps(
+        {"engine": engine, "model": model, "beam": beam, "max_tokens": max_tokens, "threads": threads}
+    )
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         process = subprocess.Popen([sys.executable, __file__, "--row", spec, "--row-out", out.name])
         _, status, usage = os.wait4(process.pid, 0)
@@ -142,6 +148,9 @@ def main() -> None:
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated: {', '.join(ENGINES)}")
     parser.add_argument("--beams", default="5", help="comma-separated beam sizes (1 = greedy)")
     parser.add_argument("--max-tokens", type=int, default=4096, help="source tokens a batch (PyTorch rows)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="threads of every engine (0: PyTorch's default)"
+    )
     parser.add_argument("--exports", type=Path, help="where to write the exports (default: a temporary dir)")
     parser.add_argument("--stream-lines", type=int, default=100_000)
     parser.add_argument("--stream-dtypes", default="fp32,bf16", help="'' to skip the memory test")
@@ -153,7 +162,9 @@ def main() -> None:
     if args.row:
         row = json.loads(args.row)
         Path(args.row_out).write_text(
-            json.dumps(measure(row["engine"], row["model"], row["beam"], lines, row["max_tokens"]))
+            json.dumps(
+                measure(row["engine"], row["model"], row["beam"], lines, row["max_tokens"], row["threads"])
+            )
         )
         return
 
@@ -179,7 +190,7 @@ def main() -> None:
         for beam in map(int, args.beams.split(",")):
             reference_hyps = None
             for engine in engines:
-                row = run_row(engine, models[engine], beam, args.max_tokens)
+                row = run_row(engine, models[engine], beam, args.max_tokens, args.threads)
                 hyps = row["hypotheses"]
                 if reference_hyps is None and engine == "pytorch-fp32":
                     reference_hyps = hyps
