@@ -68,7 +68,7 @@ def timed(command: list[str], **kwargs) -> float:
     return usage.ru_maxrss / 1024
 
 
-def fairseq(venv: Path, data: Path, work: Path, updates: int, skip: int) -> dict:
+def fairseq(venv: Path, data: Path, work: Path, updates: int, skip: int, threads: int) -> dict:
     bin_dir = work / "fairseq-bin"
     record = json.loads((data / "prepare.json").read_text())["options"]
     src, tgt = record["src"], record["tgt"]
@@ -88,7 +88,10 @@ def fairseq(venv: Path, data: Path, work: Path, updates: int, skip: int) -> dict
     command += ["--no-save", "--no-epoch-checkpoints", "--no-last-checkpoints"]
     with open(log, "w") as handle:
         rss = timed(
-            command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "2"}
+            command,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
         )
     records = []
     for line in log.read_text().splitlines():
@@ -103,11 +106,11 @@ def fairseq(venv: Path, data: Path, work: Path, updates: int, skip: int) -> dict
     }
 
 
-def nmt_tie(data: Path, work: Path, updates: int, skip: int, dtype: str) -> dict:
+def nmt_tie(data: Path, work: Path, updates: int, skip: int, dtype: str, threads: int) -> dict:
     save_dir = work / f"nmt-tie-{dtype}"
     command = [sys.executable, "-m", "nmt_tie", "train", str(RECIPE), f"data={data}", f"save_dir={save_dir}"]
     command += [f"dtype={dtype}", f"max_updates={updates}", "valid_every=1000000", "log_every=10"]
-    command += ["warmup=300", "threads=2", "seed=1"]
+    command += ["warmup=300", f"threads={threads}", "seed=1"]
     rss = timed(command, stdout=subprocess.DEVNULL)
     records = [json.loads(line) for line in (save_dir / "log.jsonl").read_text().splitlines()]
     train = [r for r in records if r["type"] == "train" and r["update"] > skip]
@@ -123,14 +126,18 @@ def main() -> None:
     parser.add_argument("--fairseq-venv", type=Path, required=True)
     parser.add_argument("--updates", type=int, default=300)
     parser.add_argument("--skip", type=int, default=100, help="updates left out of the averages (warm-up)")
+    parser.add_argument("--threads", type=int, default=2, help="threads of each job (default 2)")
     parser.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="nmt-tie-peers-"))
     results = {}
     for name, run in [
-        ("fairseq fp32", lambda: fairseq(args.fairseq_venv, args.data, work, args.updates, args.skip)),
-        ("nmt-tie fp32", lambda: nmt_tie(args.data, work, args.updates, args.skip, "fp32")),
-        ("nmt-tie bf16", lambda: nmt_tie(args.data, work, args.updates, args.skip, "bf16")),
+        (
+            "fairseq fp32",
+            lambda: fairseq(args.fairseq_venv, args.data, work, args.updates, args.skip, args.threads),
+        ),
+        ("nmt-tie fp32", lambda: nmt_tie(args.data, work, args.updates, args.skip, "fp32", args.threads)),
+        ("nmt-tie bf16", lambda: nmt_tie(args.data, work, args.updates, args.skip, "bf16", args.threads)),
     ]:
         start = time.perf_counter()
         results[name] = run()
