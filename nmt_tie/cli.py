@@ -291,7 +291,7 @@ def _add_translate(sub) -> None:
     p.add_argument(
         "--max-tokens",
         type=int,
-        help="source tokens per batch (default 4096 for a checkpoint, 512 for an export)",
+        help="source tokens per batch (default 4096 for a checkpoint, 2048 for an export)",
     )
     p.add_argument("--max-src-len", type=int, default=256, help="truncate longer inputs (subwords)")
     p.add_argument("--buffer-lines", type=int, default=1000, help="lines read before translating")

@@ -49,9 +49,10 @@ QUANTIZATIONS = (
     "float16",
     "bfloat16",
 )
-# CTranslate2 on a CPU is fastest and smallest with small batches: Multi30k test2016, beam 5,
-# int8, 2 threads: 512 source tokens a batch 8.0 s and 110 MB, 4096 tokens 11.8 s and 468 MB.
-EXPORT_MAX_TOKENS = 512
+# CTranslate2's memory grows with the batch, its speed hardly above 2,048 source tokens a batch
+# (Multi30k test2016, float32, beam 5, 2 threads: 4,096 tokens 7.9 s and 427 MB; 2,048 8.2 s
+# and 250 MB; 512 12.8 s and 143 MB; all 1,000 sentences at once 9.9 s and 911 MB).
+EXPORT_MAX_TOKENS = 2048
 MAX_POSITIONS = 1024  # rows of the exported position table: the longest source or output
 NEVER_GENERATED = -1.0e4  # output bias of PAD and BOS (fits float16)
 

@@ -52,16 +52,16 @@ def _best_of_two(run):
 def measure(
     engine: str, model: str, beam: int, lines: list[str], max_tokens: int = 4096, threads: int = 0
 ) -> dict:
-    """Translate `lines`; (seconds, output pieces incl. EOS, detokenized hypotheses)."""
-    import torch
-
+    """Translate `lines`; (seconds, output pieces incl. EOS, detokenized hypotheses).
+    Export rows never import PyTorch, as `nmt-tie translate -c DIR` (their peak RSS is theirs)."""
     from nmt_tie.translate import SearchOptions, Translator
 
     options = SearchOptions(beam=beam, lenpen=1.0, max_tokens=max_tokens)
-    if threads:
-        torch.set_num_threads(threads)
-    threads = torch.get_num_threads()  # CTranslate2 gets as many as PyTorch
     if engine.startswith("pytorch"):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
         translator = Translator.from_checkpoints([Path(model)], options, dtype=engine.split("-")[1])
     else:
         from nmt_tie.deploy import EXPORT_MAX_TOKENS, ExportedTranslator
