@@ -6,7 +6,7 @@ sacrebleu and prints the comparison table (`nmt-tie compare`, also written as Ma
 a PNG plot). Every step is an `nmt-tie` command, printed before it runs; re-running the
 recipe resumes unfinished training runs and skips finished ones.
 
-    python recipes/multi30k/run.py --demo                    # En-De Transformer, ~7 min on 2 cores
+    python recipes/multi30k/run.py --demo                    # En-De Transformer, ~8 min on 2 cores
     python recipes/multi30k/run.py --pair en-de --arch transformer --seeds 3 --max-updates 1000
     python recipes/multi30k/run.py --pair en-fr --arch rnn --max-time 10
     python recipes/multi30k/run.py --converge --seeds 3          # early stopping, averaging
