@@ -309,6 +309,15 @@ def _run_translate(args) -> None:
 
     if args.beam < 1 or args.nbest < 1 or args.nbest > args.beam:
         raise UserError("need 1 <= --nbest <= --beam")
+    exports = [path for path in args.checkpoint if path.is_dir()]
+    if exports:
+        from nmt_tie.deploy import EXPORT_MAX_TOKENS, ExportedTranslator, is_export
+
+        if len(args.checkpoint) > 1:
+            raise UserError(f"{exports[0]}: an exported model translates alone (no ensembles of exports)")
+        if not is_export(exports[0]):
+            raise UserError(f"{exports[0]} is a directory but not an `nmt-tie export` (no nmt_tie.json)")
+    default_max_tokens = EXPORT_MAX_TOKENS if exports else SearchOptions.max_tokens
     options = SearchOptions(
         beam=args.beam,
         lenpen=args.lenpen,
@@ -316,18 +325,10 @@ def _run_translate(args) -> None:
         max_len_a=args.max_len_a,
         max_len_b=args.max_len_b,
         nbest=args.nbest,
-        max_tokens=args.max_tokens or 4096,
+        max_tokens=args.max_tokens or default_max_tokens,
         max_src_len=args.max_src_len,
     )
-    exports = [path for path in args.checkpoint if path.is_dir()]
     if exports:
-        from nmt_tie.deploy import EXPORT_MAX_TOKENS, ExportedTranslator, is_export
-
-        options.max_tokens = args.max_tokens or EXPORT_MAX_TOKENS
-        if len(args.checkpoint) > 1:
-            raise UserError(f"{exports[0]}: an exported model translates alone (no ensembles of exports)")
-        if not is_export(exports[0]):
-            raise UserError(f"{exports[0]} is a directory but not an `nmt-tie export` (no nmt_tie.json)")
         translator = ExportedTranslator(exports[0], options, args.device, args.dtype)
     else:
         from nmt_tie.devices import resolve_device

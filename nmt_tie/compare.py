@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from nmt_tie.config import build_configs
+from nmt_tie.deploy import METADATA_FILE, export_sizes, read_metadata
 from nmt_tie.errors import UserError
 from nmt_tie.report import count_unique, meta_model, mode_config
 from nmt_tie.training.metrics import read_log
@@ -71,8 +72,8 @@ def summarize_run(path: Path) -> RunSummary:
         tests[score_file.name.removesuffix(".score.json")] = {k: v["score"] for k, v in scores.items()}
     pair = _pair_of(train_cfg.data)
     exports = [
-        (json.loads(meta.read_text()).get("quantization", "?"), (meta.parent / "model.bin").stat().st_size)
-        for meta in sorted(path.glob("*/nmt_tie.json"))
+        (read_metadata(meta.parent)["quantization"], export_sizes(meta.parent)["model_bin_bytes"])
+        for meta in sorted(path.glob(f"*/{METADATA_FILE}"))
         if (meta.parent / "model.bin").is_file()
     ]
     return RunSummary(

@@ -110,17 +110,21 @@ def _set_ffn(spec, layer) -> None:
     _set_linear(spec.linear_1, layer.ffn.down)
 
 
-def _output_layer(embeddings) -> tuple:
-    """(weight, bias) of logits = h W^T + b, with the projection P folded in."""
+def _output_layer(embeddings, matrices: dict) -> tuple:
+    """(weight, bias) of logits = h W^T + b as float arrays. Without the projection P the
+    weight is the output role's matrix object itself (so a tied one is stored once); with it,
+    P and its bias are folded in: (h P + p) W^T + b = h (W P^T)^T + (W p + b)."""
     weight = embeddings.weight("output").detach().float()
     bias = embeddings.output_bias.detach().float().clone()
+    folded = None
     if embeddings.projection is not None:
         if embeddings.projection_bias is not None:
             bias += weight @ embeddings.projection_bias.detach().float()
-        weight = weight @ embeddings.projection.detach().float().T
+        folded = _array(weight @ embeddings.projection.detach().float().T)
     bias[PAD_ID] = NEVER_GENERATED
     bias[BOS_ID] = NEVER_GENERATED
-    return weight, bias
+    unfolded = matrices[embeddings.roles["output"]]
+    return (unfolded if folded is None else folded), _array(bias)
 
 
 def transformer_spec(model, config, vocab_src: list[str], vocab_tgt: list[str]):
@@ -167,12 +171,7 @@ def transformer_spec(model, config, vocab_src: list[str], vocab_tgt: list[str]):
         _set_norm(encoder.layer_norm, model.encoder.final_norm)
         _set_norm(decoder.layer_norm, model.decoder.final_norm)
 
-    weight, bias = _output_layer(embeddings)
-    if embeddings.projection is None:
-        decoder.projection.weight = matrices[embeddings.roles["output"]]
-    else:
-        decoder.projection.weight = _array(weight)
-    decoder.projection.bias = _array(bias)
+    decoder.projection.weight, decoder.projection.bias = _output_layer(embeddings, matrices)
 
     spec.register_source_vocabulary(_ctranslate2_tokens(vocab_src))
     spec.register_target_vocabulary(_ctranslate2_tokens(vocab_tgt))
@@ -189,7 +188,7 @@ def export_ctranslate2(
 ) -> dict:
     """Write the export directory `out` (atomically: built beside it, then renamed); return
     its metadata."""
-    require_ctranslate2()
+    ctranslate2 = require_ctranslate2()
     import torch
     from ctranslate2.converters.converter import Converter
 
@@ -240,19 +239,13 @@ def export_ctranslate2(
             "languages": {"source": vocab["src_lang"], "target": vocab["tgt_lang"]},
             "moses": vocab["moses"],
             "sentencepiece": spm_files,
-            "ctranslate2_version": _ctranslate2_version(),
+            "ctranslate2_version": ctranslate2.__version__,
         }
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         _replace_directory(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return metadata
-
-
-def _ctranslate2_version() -> str:
-    import ctranslate2
-
-    return ctranslate2.__version__
 
 
 def _replace_directory(new: Path, target: Path) -> None:
