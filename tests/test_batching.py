@@ -118,7 +118,13 @@ def test_the_shape_ladder_keeps_every_token_bounds_shapes_and_costs_little_paddi
                         and (batch.src[row, len(src) + 1 :] == PAD_ID).all()
                     )
                     assert batch.tgt_out[row, : len(tgt) + 1].tolist() == [*tgt.tolist(), EOS_ID]
-                    assert batch.targets.numel() == batch.target_tokens
+                # the output layer's rows: every real target once, in order, then ignored rows
+                real = batch.tgt_out.reshape(-1)[batch.tgt_out.reshape(-1) != PAD_ID]
+                assert batch.targets.numel() == ladder_up(batch.target_tokens)
+                assert batch.targets[: batch.target_tokens].tolist() == real.tolist()
+                assert (batch.targets[batch.target_tokens :] == PAD_ID).all()
+                flat = batch.tgt_out.reshape(-1)[batch.target_positions[: batch.target_tokens]]
+                assert flat.tolist() == real.tolist()
     assert len(shapes[True]) < 0.7 * len(shapes[False]), (len(shapes[True]), len(shapes[False]))
     assert padded[True] / padded[False] < 1.06  # extra padded tokens, all batches together
 

@@ -306,3 +306,29 @@ def test_a_small_transformer_learns_multi30k(tmp_path, multi30k):
     valid = [r for r in read_log(tmp_path / "run") if r["type"] == "valid"]
     assert valid[-1]["ppl"] < valid[0]["ppl"] / 3, valid
     assert valid[-1]["ppl"] < 150, valid
+
+
+def test_rows_padded_with_pad_targets_change_neither_loss_nor_gradient():
+    """Training pads the output layer's rows to the shape ladder with PAD targets."""
+    from torch.nn import functional as F
+
+    from nmt_tie.data.tokenizer import PAD_ID
+    from nmt_tie.training.loss import label_smoothed_nll
+
+    torch.manual_seed(0)
+    logits = torch.randn(37, 50, dtype=torch.float64)
+    target = torch.randint(PAD_ID + 1, 50, (37,))
+    padded_target = torch.cat([target, torch.full((11,), PAD_ID)])
+    real = logits.clone().requires_grad_()
+    padded = torch.cat([logits, torch.randn(11, 50, dtype=torch.float64)]).requires_grad_()
+    loss, nll = label_smoothed_nll(real, target, 0.1)
+    padded_loss, padded_nll = label_smoothed_nll(padded, padded_target, 0.1, chunk=100, ignore_index=PAD_ID)
+    (loss + padded_loss).backward()
+    torch.testing.assert_close(padded_loss, loss)
+    torch.testing.assert_close(padded_nll, nll)
+    torch.testing.assert_close(padded.grad[:37], real.grad)
+    assert (padded.grad[37:] == 0).all()
+    reference = F.cross_entropy(
+        padded.detach(), padded_target, label_smoothing=0.1, ignore_index=PAD_ID, reduction="sum"
+    )
+    torch.testing.assert_close(padded_loss.detach(), reference)

@@ -48,6 +48,25 @@ class Batch:
     def __len__(self) -> int:
         return self.src.size(0)
 
+    def with_rows_on_ladder(self) -> Batch:
+        """The same batch with its selected target rows padded to the shape ladder
+        (`ladder_up`): the output layer, the largest matrix product, then sees a bounded set
+        of row counts instead of a new one nearly every batch. The extra rows select
+        position 0 and have target PAD_ID, which the loss ignores; `target_tokens` stays the
+        real count."""
+        extra = ladder_up(self.target_tokens) - len(self.target_positions)
+        if extra <= 0:
+            return self
+        return Batch(
+            self.src,
+            self.tgt_in,
+            self.tgt_out,
+            self.indices,
+            torch.cat([self.target_positions, self.target_positions.new_zeros(extra)]),
+            torch.cat([self.targets, self.targets.new_full((extra,), PAD_ID)]),
+            self.target_tokens,
+        )
+
     def pin_memory(self) -> Batch:
         return self._map(lambda t: t.pin_memory())
 
@@ -134,15 +153,17 @@ class ParallelData:
         return self._tgt_ids[self._tgt_offsets[i] : self._tgt_offsets[i + 1]]
 
     def collate(self, indices: np.ndarray, ladder: bool = False) -> Batch:
-        """A padded batch; with `ladder`, widths padded to the shape ladder (`ladder_up`)."""
+        """A padded batch; with `ladder`, widths and the count of selected target rows padded
+        to the shape ladder (`ladder_up`)."""
         sources = [self.source(i) for i in indices]
         targets = [self.target(i) for i in indices]
-        return Batch(
+        batch = Batch(
             src=pad_sequences(sources, None, EOS_ID, ladder),
             tgt_in=pad_sequences(targets, BOS_ID, None, ladder),
             tgt_out=pad_sequences(targets, None, EOS_ID, ladder),
             indices=np.asarray(indices),
         )
+        return batch.with_rows_on_ladder() if ladder else batch
 
 
 def token_buckets(

@@ -32,7 +32,7 @@ def _row_chunks(rows: int, width: int, elements: int):
 
 class _LabelSmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, eps: float, elements: int):
+    def forward(ctx, logits, target, eps: float, elements: int, ignore_index: int | None):
         rows, vocab = logits.shape
         compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
         log_norm = torch.empty(rows, dtype=compute, device=logits.device)
@@ -42,11 +42,16 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
             log_norm[start:end] = torch.logsumexp(scores, dim=-1)
             mean_score[start:end] = scores.mean(dim=-1)
         target_score = logits.gather(1, target.unsqueeze(1)).squeeze(1).to(compute)
-        nll = (log_norm - target_score).sum()
-        loss = (1 - eps) * nll + eps * (log_norm - mean_score).sum() if eps > 0 else nll.clone()
+        row_nll, row_smooth = log_norm - target_score, log_norm - mean_score
+        if ignore_index is not None:
+            keep = (target != ignore_index).to(compute)
+            row_nll, row_smooth = row_nll * keep, row_smooth * keep
+        nll = row_nll.sum()
+        loss = (1 - eps) * nll + eps * row_smooth.sum() if eps > 0 else nll.clone()
         ctx.save_for_backward(logits, target, log_norm)
         ctx.eps = eps
         ctx.elements = elements
+        ctx.ignore_index = ignore_index
         ctx.mark_non_differentiable(nll)
         return loss, nll
 
@@ -64,14 +69,24 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
                 chunk.sub_(eps / vocab)
             index = torch.arange(end - start, device=logits.device)
             chunk[index, target[start:end]] -= 1 - eps
-            grad[start:end] = chunk.mul_(grad_loss)
-        return grad, None, None, None
+            chunk.mul_(grad_loss)
+            if ctx.ignore_index is not None:
+                chunk.mul_((target[start:end] != ctx.ignore_index).unsqueeze(1))
+            grad[start:end] = chunk
+        return grad, None, None, None, None
 
 
 def label_smoothed_nll(
-    logits: torch.Tensor, target: torch.Tensor, eps: float, chunk: int | None = None
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    eps: float,
+    chunk: int | None = None,
+    ignore_index: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed label-smoothed loss, summed NLL) over rows of logits (N, V) and targets (N,).
 
-    `chunk`: elements of the (N, V) matrix handled at once; default by the logits' device."""
-    return _LabelSmoothedCrossEntropy.apply(logits, target, eps, chunk or chunk_elements(logits.device))
+    `chunk`: elements of the (N, V) matrix handled at once; default by the logits' device.
+    Rows whose target is `ignore_index` add nothing to either sum and get a zero gradient
+    (training pads its rows to a bounded set of counts with them)."""
+    elements = chunk or chunk_elements(logits.device)
+    return _LabelSmoothedCrossEntropy.apply(logits, target, eps, elements, ignore_index)

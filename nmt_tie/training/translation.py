@@ -12,6 +12,7 @@ from nmt_tie.checkpoint import vocab_payload
 from nmt_tie.config import ModelConfig, TrainConfig
 from nmt_tie.data.batching import Batch, ParallelData, TokenBucketSampler
 from nmt_tie.data.prepare import PreparedData
+from nmt_tie.data.tokenizer import PAD_ID
 from nmt_tie.errors import UserError
 from nmt_tie.evaluate import score
 from nmt_tie.model.seq2seq import build_model, configure_for_data
@@ -24,9 +25,9 @@ def sequence_loss(model, batch: Batch, label_smoothing: float):
     """Summed label-smoothed loss, summed NLL and the number of (non-padding) target tokens.
 
     Tensors only, no host-device synchronization: the positions and their count come from
-    the CPU side of the batch."""
+    the CPU side of the batch (padded rows, if any, have target PAD_ID and count for nothing)."""
     logits = model(batch.src, batch.tgt_in, batch.target_positions)
-    loss, nll = label_smoothed_nll(logits, batch.targets, label_smoothing)
+    loss, nll = label_smoothed_nll(logits, batch.targets, label_smoothing, ignore_index=PAD_ID)
     return loss, nll, batch.target_tokens
 
 
