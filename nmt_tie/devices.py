@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from contextlib import nullcontext
 
 import torch
@@ -65,3 +67,25 @@ def describe_precision(device: torch.device, requested: str, used: str, tf32: bo
         what = f"{used} autocast" + (" with loss scaling" if used == "fp16" else "")
     note = f" (asked for {requested}: this GPU has no fast bf16)" if used != requested else ""
     return f"precision: {what} on {device}{note}"
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_free_memory(device: torch.device) -> None:
+    """Give the C heap's free pages back to the operating system (glibc's malloc_trim).
+
+    Batches of many shapes in bf16 on a CPU leave glibc's heap full of free pages: oneDNN
+    builds kernels for every new shape and tensors of ever new sizes come and go. glibc
+    keeps those pages (it returns only the top of the heap), so the resident memory of a
+    bf16 training run grew by about 700 MB every 50 updates and never shrank (measured on
+    Multi30k: 1,842 MB before a trim, 1,109 MB after). A trim costs about a millisecond.
+    Nothing happens on a GPU or without glibc."""
+    trim = _malloc_trim() if device.type == "cpu" else None
+    if trim is not None:
+        trim(0)

@@ -5,7 +5,8 @@ decoder advances one token per step from its cache (no recomputation of the pref
 finished hypotheses are kept per sentence in fixed-size tensors, merged by score with
 `topk`; no Python loop over sentences runs inside a step. A sentence is done once `beam`
 hypotheses have ended (as in fairseq); finished sentences leave the batch, and the search
-stops when none is left.
+stops when none is left. Sentences leave in steps that keep the number of rows on the shape
+ladder, so that decoding sees a bounded set of tensor shapes.
 
 Scores are sums of log-probabilities; beam search ranks finished hypotheses by a length-
 normalized score, the length counting EOS:
@@ -23,6 +24,7 @@ import math
 
 import torch
 
+from nmt_tie.data.batching import ladder_up
 from nmt_tie.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from nmt_tie.model.seq2seq import EncoderDecoder
 from nmt_tie.translate import Hypothesis
@@ -167,7 +169,9 @@ def beam_search(
         ended[:, :, :t] = prefixes
         ended[:, :, t] = EOS_ID
         normalized = top_scores / length_penalty(t + 1, lenpen, length_norm)
-        normalized = normalized.masked_fill(~ending, -math.inf)
+        # Sentences already done (kept only to fill the batch, see 3.) take no more hypotheses.
+        was_done = (fin_count.index_select(0, active) >= beam).unsqueeze(1)
+        normalized = normalized.masked_fill(~ending | was_done, -math.inf)
         merged_scores = torch.cat([fin_scores.index_select(0, active), normalized], dim=1)
         merged_tokens = torch.cat([fin_tokens.index_select(0, active), ended], dim=1)
         best_scores, best = merged_scores.topk(beam, dim=1)
@@ -185,12 +189,16 @@ def beam_search(
         tokens = torch.cat([tokens.index_select(0, rows), prev.unsqueeze(1)], dim=1)
         caches = Ensemble.reorder(caches, rows)
 
-        # 3. Sentences with `beam` finished hypotheses leave the batch.
+        # 3. Sentences with `beam` finished hypotheses leave the batch, but only as many as
+        #    keep the number of sentences on the shape ladder (done ones fill the rest): the
+        #    decoder then sees few distinct row counts (oneDNN keeps kernels per shape).
         done = fin_count.index_select(0, active) >= beam
-        if done.all():
+        alive = int((~done).sum())
+        if alive == 0:
             break
-        if done.any():
-            still = (~done).nonzero().squeeze(1)
+        if ladder_up(alive) < n:
+            # the alive sentences, then done ones, each group in batch order
+            still = done.to(torch.int8).argsort(stable=True)[: ladder_up(alive)].sort().values
             rows = (still.unsqueeze(1) * beam + torch.arange(beam, device=device)).view(-1)
             active, limits, scores = active[still], limits[still], scores[still]
             tokens, prev = tokens.index_select(0, rows), prev.index_select(0, rows)

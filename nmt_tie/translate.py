@@ -147,18 +147,21 @@ class Translator(TextTranslator):
 
     def translate_ids(self, sources: list[list[int]]) -> list[list]:
         """Hypotheses (best first) for id sequences, batched by length; input order kept."""
-        from nmt_tie.data.batching import pad_sequences
+        from nmt_tie.data.batching import ladder_down, ladder_up, pad_sequences
+        from nmt_tie.devices import release_free_memory
 
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]), reverse=True)
         results: list = [None] * len(sources)
         start = 0
         while start < len(order):
-            longest = len(sources[order[start]]) + 1
-            size = max(1, self.options.max_tokens // longest)
+            # widths and sentence counts on the shape ladder: few distinct shapes
+            longest = ladder_up(len(sources[order[start]]) + 1)
+            size = ladder_down(max(1, self.options.max_tokens // longest))
             chunk = order[start : start + size]
-            src = pad_sequences([sources[i] for i in chunk], None, EOS_ID).to(self.device)
+            src = pad_sequences([sources[i] for i in chunk], None, EOS_ID, ladder=True).to(self.device)
             for i, hyps in zip(chunk, self._search(src), strict=True):
                 results[i] = hyps
+            release_free_memory(self.device)  # bf16 decoding leaves free heap pages behind
             start += size
         return results
 

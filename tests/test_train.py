@@ -332,3 +332,26 @@ def test_rows_padded_with_pad_targets_change_neither_loss_nor_gradient():
         padded.detach(), padded_target, label_smoothing=0.1, ignore_index=PAD_ID, reduction="sum"
     )
     torch.testing.assert_close(padded_loss.detach(), reference)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from /proc")
+def test_free_heap_pages_go_back_to_the_system():
+    """Training and decoding on a CPU trim glibc's heap: memory freed between live blocks
+    (what batches of many shapes leave behind) stops counting as resident."""
+    from nmt_tie.devices import _malloc_trim, release_free_memory
+
+    if _malloc_trim() is None:
+        pytest.skip("not glibc")
+
+    def resident_mb() -> float:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS"))
+        return int(line.split()[1]) / 1024
+
+    torch.ones(1 << 20).sum()  # freed at once: glibc then serves blocks this size from its heap
+    blocks = [torch.ones((1 << 18) + i) for i in range(200)]  # about 1 MB each, touched
+    kept = blocks[1::2]  # every other block stays alive: the freed ones lie between them
+    del blocks
+    before = resident_mb()
+    release_free_memory(torch.device("cpu"))
+    assert before - resident_mb() > 50
+    assert len(kept) == 100

@@ -39,7 +39,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nmt_tie.checkpoint import FORMAT, load_checkpoint, save_atomic
 from nmt_tie.config import TrainConfig, dump_configs, to_dict
-from nmt_tie.devices import autocast_context, describe_precision, effective_dtype, resolve_device, set_tf32
+from nmt_tie.devices import (
+    autocast_context,
+    describe_precision,
+    effective_dtype,
+    release_free_memory,
+    resolve_device,
+    set_tf32,
+)
 from nmt_tie.errors import UserError
 from nmt_tie.progress import progress_bar
 from nmt_tie.training import distributed
@@ -48,6 +55,9 @@ from nmt_tie.training.optim import LRSchedule, build_optimizer
 from nmt_tie.training.runlock import RunDirLock
 
 HIGHER_IS_BETTER = {"bleu": True, "chrf": True, "loss": False, "ppl": False}
+# On a CPU, free heap pages go back to the system this often (and after every validation):
+# a trim costs 15-35 ms here, 1-3% of an update; every 10 updates keeps that under 0.5%.
+RELEASE_MEMORY_EVERY = 10
 
 
 class TrainingDiverged(UserError):
@@ -432,6 +442,8 @@ class Trainer:
                     self.log.write("save", {"update": self.update, "elapsed": round(self.elapsed(), 1)})
                 for hook in getattr(self, "after_update_hooks", []):
                     hook(self)
+                if self.update % RELEASE_MEMORY_EVERY == 0 or due:
+                    release_free_memory(self.device)
         finally:
             if bar is not None:
                 bar.close()
