@@ -125,13 +125,6 @@ def test_the_shape_ladder_keeps_every_token_bounds_shapes_and_costs_little_paddi
                 assert (batch.targets[batch.target_tokens :] == PAD_ID).all()
                 flat = batch.tgt_out.reshape(-1)[batch.target_positions[: batch.target_tokens]]
                 assert flat.tolist() == real.tolist()
-                assert (batch.target_positions[batch.target_tokens :] == batch.tgt_out.numel()).all()
-                # the encoder's rows: every source token once, in order, then rows past the end
-                source = batch.src.reshape(-1)
-                count = int((source != PAD_ID).sum())
-                assert len(batch.source_positions) == ladder_up(count)
-                assert source[batch.source_positions[:count]].tolist() == source[source != PAD_ID].tolist()
-                assert (batch.source_positions[count:] == batch.src.numel()).all()
     assert len(shapes[True]) < 0.7 * len(shapes[False]), (len(shapes[True]), len(shapes[False]))
     assert padded[True] / padded[False] < 1.06  # extra padded tokens, all batches together
 

@@ -136,38 +136,6 @@ def test_attention_kernels_equal_the_textbook_formula_with_masks(dtype, causal):
     torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
 
 
-@pytest.mark.parametrize("norm", ["pre", "post"])
-def test_packed_rows_give_the_padded_result_and_gradients(norm):
-    """Training runs the Transformer on the real tokens only (rows padded to the ladder)."""
-    from nmt_tie.data.batching import Batch
-
-    torch.manual_seed(0)
-    model = build_model(tiny_config("transformer", "all", norm=norm)).double()
-    src = source_batch()
-    tgt_out = torch.randint(4, 50, (3, 6))
-    tgt_out[1, 4:] = 0
-    tgt_out[2, 2:] = 0
-    tgt_in = torch.cat([torch.full((3, 1), 1), tgt_out[:, :-1]], dim=1).masked_fill(tgt_out == 0, 0)
-    plain = Batch(src, tgt_in, tgt_out, indices=None)
-    laddered = Batch(src, tgt_in, tgt_out, indices=None, target_tokens=-1)
-    laddered.target_positions = torch.cat([plain.target_positions, torch.full((3,), tgt_out.numel())])
-    laddered.source_positions = torch.cat([plain.source_positions, torch.full((2,), src.numel())])
-    results = []
-    for positions, source_positions in [
-        (plain.target_positions, None),  # the padded layout
-        (plain.target_positions, plain.source_positions),  # packed
-        (laddered.target_positions, laddered.source_positions),  # packed, rows past the end
-    ]:
-        model.zero_grad()
-        logits = model(src, tgt_in, positions, source_positions)[: plain.target_tokens]
-        logits.pow(2).sum().backward()
-        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
-    for logits, grads in results[1:]:
-        torch.testing.assert_close(logits, results[0][0])
-        for grad, expected in zip(grads, results[0][1], strict=True):
-            torch.testing.assert_close(grad, expected)
-
-
 def test_source_padding_does_not_change_the_result():
     torch.manual_seed(3)
     for arch in ARCHS:

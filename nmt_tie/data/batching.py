@@ -24,9 +24,9 @@ from nmt_tie.errors import UserError
 class Batch:
     """Padded id tensors: source ends in EOS; target input starts with BOS, output ends in EOS.
 
-    The positions of the real (non-padding) target and source tokens, flattened, and their
-    counts are computed on the CPU when the batch is built, so that training never has to ask
-    the GPU for them (each such question is a host-device synchronization).
+    The positions of the real (non-padding) target tokens, flattened, and their count are
+    computed on the CPU when the batch is built, so that training never has to ask the GPU
+    for them (each such question is a host-device synchronization).
     """
 
     src: torch.Tensor  # (batch, src_len)
@@ -36,7 +36,6 @@ class Batch:
     target_positions: torch.Tensor | None = None  # (tokens,) flat indices into (batch * tgt_len)
     targets: torch.Tensor | None = None  # (tokens,) the target ids at those positions
     target_tokens: int = -1  # number of non-padding target tokens
-    source_positions: torch.Tensor | None = None  # (tokens,) flat indices into (batch * src_len)
 
     def __post_init__(self) -> None:
         if self.target_positions is None:
@@ -45,37 +44,27 @@ class Batch:
             self.targets = flat[self.target_positions]
         if self.target_tokens < 0:
             self.target_tokens = len(self.target_positions)
-        if self.source_positions is None:
-            self.source_positions = torch.nonzero(self.src.reshape(-1) != PAD_ID).squeeze(1)
 
     def __len__(self) -> int:
         return self.src.size(0)
 
     def with_rows_on_ladder(self) -> Batch:
-        """The same batch with its token rows (the target positions, which the output layer
-        sees, and the source positions) padded to counts on the shape ladder (`ladder_up`):
-        the layers that work on rows then see a bounded set of row counts instead of a new
-        one nearly every batch. The extra rows hold the index batch * length (past the end,
-        see `model.transformer.Packing`) and the target PAD_ID, which the loss ignores;
-        `target_tokens` stays the real count."""
-
-        def padded(positions: torch.Tensor, past_end: int) -> torch.Tensor:
-            extra = ladder_up(len(positions)) - len(positions)
-            return torch.cat([positions, positions.new_full((extra,), past_end)]) if extra else positions
-
-        targets = self.targets
-        extra = ladder_up(len(targets)) - len(targets)
-        if extra:
-            targets = torch.cat([targets, targets.new_full((extra,), PAD_ID)])
+        """The same batch with its selected target rows padded to the shape ladder
+        (`ladder_up`): the output layer, the largest matrix product, then sees a bounded set
+        of row counts instead of a new one nearly every batch. The extra rows select
+        position 0 and have target PAD_ID, which the loss ignores; `target_tokens` stays the
+        real count."""
+        extra = ladder_up(self.target_tokens) - len(self.target_positions)
+        if extra <= 0:
+            return self
         return Batch(
             self.src,
             self.tgt_in,
             self.tgt_out,
             self.indices,
-            padded(self.target_positions, self.tgt_out.numel()),
-            targets,
+            torch.cat([self.target_positions, self.target_positions.new_zeros(extra)]),
+            torch.cat([self.targets, self.targets.new_full((extra,), PAD_ID)]),
             self.target_tokens,
-            padded(self.source_positions, self.src.numel()),
         )
 
     def pin_memory(self) -> Batch:
@@ -95,7 +84,6 @@ class Batch:
             fn(self.target_positions),
             fn(self.targets),
             self.target_tokens,
-            fn(self.source_positions),
         )
 
 

@@ -19,7 +19,7 @@ from nmt_tie.config import ModelConfig
 from nmt_tie.data.tokenizer import PAD_ID
 from nmt_tie.model.embeddings import TiedEmbeddings
 from nmt_tie.model.rnn import BiGRUEncoder, ConditionalGRUDecoder
-from nmt_tie.model.transformer import Packing, TransformerDecoder, TransformerEncoder
+from nmt_tie.model.transformer import TransformerDecoder, TransformerEncoder
 
 
 class EncoderDecoder(nn.Module):
@@ -42,42 +42,20 @@ class EncoderDecoder(nn.Module):
         enc = self.encoder(self.embeddings.embed("encoder_input", src), mask)
         return self.decoder.prepare(enc)
 
-    def forward(
-        self,
-        src: torch.Tensor,
-        tgt_in: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        source_positions: torch.Tensor | None = None,
-    ):
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, positions: torch.Tensor | None = None):
         """Teacher forcing: logits (batch, tgt_len, vocab) for every target position, or
         (n, vocab) for n selected positions: training skips the output layer at padding, the
         largest matrix product of a step. `positions` is a boolean (batch, tgt_len) mask or
         the flat indices of the selected positions (computed on the CPU, they select without
-        a host-device synchronization); indices past batch * tgt_len select padding rows
-        (their logits are ignored by the loss, see `Batch.with_rows_on_ladder`).
-
-        With `source_positions` too (flat indices of the source tokens, likewise) and an
-        architecture that can (the Transformer), every layer but attention runs on the real
-        tokens only (`Packing`); the result is the same."""
-        packed = source_positions is not None and positions is not None and positions.dtype != torch.bool
-        if packed and getattr(self.decoder, "packs_rows", False):
-            return self._forward_packed(src, tgt_in, positions, source_positions)
+        a host-device synchronization)."""
         enc = self.encode(src)
         hidden = self.decoder(self.embeddings.embed("decoder_input", tgt_in), enc)
         if positions is not None:
             if positions.dtype == torch.bool:
                 hidden = hidden[positions]
             else:
-                hidden = hidden.flatten(0, 1).index_select(0, positions.clamp(max=tgt_in.numel() - 1))
+                hidden = hidden.flatten(0, 1).index_select(0, positions)
         return self.embeddings.logits(hidden)
-
-    def _forward_packed(self, src, tgt_in, positions, source_positions):
-        source = Packing(source_positions, *src.shape)
-        target = Packing(positions, *tgt_in.shape)
-        emb = self.embeddings.embed("encoder_input", source.pack(src))
-        enc = self.decoder.prepare(self.encoder(emb, src != PAD_ID, source))
-        emb = self.embeddings.embed("decoder_input", target.pack(tgt_in))
-        return self.embeddings.logits(self.decoder(emb, enc, target))
 
     def decode_step(self, enc: dict, prev_tokens: torch.Tensor, cache: dict | None):
         """Logits (batch, vocab) for the next token after `prev_tokens` (batch,), and the cache."""

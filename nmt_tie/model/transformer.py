@@ -4,12 +4,6 @@ Pre-norm by default (post-norm as an option), sinusoidal positions, input embedd
 by sqrt(d_model) (done by TiedEmbeddings). The decoder caches the keys and values of its
 self-attention step by step, and the cross-attention keys and values are computed once per
 source sentence (`prepare`), so generating a token costs one position, not the whole prefix.
-
-Training can run on packed rows (`Packing`): every layer but attention works on the real
-tokens of the batch only, as a (rows, dim) matrix, and attention unpacks them to the padded
-(batch, length) layout it needs. Padding costs no matrix products then, and the row counts,
-padded to the shape ladder by the batcher, take few distinct values: oneDNN (bf16 on CPUs)
-keeps about a megabyte of kernels per matrix-product shape.
 """
 
 from __future__ import annotations
@@ -36,36 +30,6 @@ def sinusoidal_positions(length: int, dim: int, offset: int = 0, device=None) ->
     angles = pos[:, None] * freq[None, :]
     table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
     return F.pad(table, (0, dim - 2 * half))
-
-
-class Packing:
-    """The real tokens of a (batch, length) batch as the rows of a flat matrix.
-
-    `positions` (rows,) are flat indices into batch * length, row-major; rows past the real
-    tokens (padding the row count to the shape ladder) hold batch * length: they unpack to a
-    spare row that is dropped, and pack from the last position (values nobody reads)."""
-
-    def __init__(self, positions: torch.Tensor, batch: int, length: int):
-        self.batch, self.length = batch, length
-        self.scatter_index = positions
-        self.gather_index = positions.clamp(max=batch * length - 1)
-
-    @property
-    def rows(self) -> int:
-        return self.scatter_index.numel()
-
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, length, ...) -> (rows, ...)."""
-        return x.flatten(0, 1).index_select(0, self.gather_index)
-
-    def unpack(self, rows: torch.Tensor) -> torch.Tensor:
-        """(rows, dim) -> (batch, length, dim), zeros at padding."""
-        out = rows.new_zeros(self.batch * self.length + 1, rows.size(-1))
-        out = out.index_copy(0, self.scatter_index, rows)
-        return out[:-1].view(self.batch, self.length, -1)
-
-    def position_in_sentence(self) -> torch.Tensor:
-        return self.gather_index % self.length
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -114,28 +78,20 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.attention_dropout = attention_dropout
 
-    def forward(self, x, key_mask=None, causal=False, cache: dict | None = None, packing=None):
-        """x (batch, len, dim), or (rows, dim) with `packing`; key_mask (batch, 1, 1, len)
-        True = attend.
+    def forward(self, x, key_mask=None, causal=False, cache: dict | None = None):
+        """x (batch, len, dim); key_mask (batch, 1, 1, len) True = attend.
 
         With `cache`, x holds the newest position only; its keys and values are appended
         to the cache and the query attends to all of them.
         """
-        qkv = self.qkv(x)
-        if packing is not None:
-            qkv = packing.unpack(qkv)
-        q, k, v = (_split_heads(t, self.heads) for t in qkv.chunk(3, dim=-1))
+        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         if cache is not None:
             if "k" in cache:
                 k = torch.cat([cache["k"], k], dim=2)
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
         p = self.attention_dropout if self.training else 0.0
-        return self.out(_pack(_merge_heads(attention(q, k, v, key_mask, causal, p)), packing))
-
-
-def _pack(x: torch.Tensor, packing: Packing | None) -> torch.Tensor:
-    return x if packing is None else packing.pack(x)
+        return self.out(_merge_heads(attention(q, k, v, key_mask, causal, p)))
 
 
 class CrossAttention(nn.Module):
@@ -147,18 +103,14 @@ class CrossAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.attention_dropout = attention_dropout
 
-    def keys_values(self, memory: torch.Tensor, packing: Packing | None = None):
-        kv = self.kv(memory)
-        if packing is not None:
-            kv = packing.unpack(kv)
-        k, v = kv.chunk(2, dim=-1)
+    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv(memory).chunk(2, dim=-1)
         return _split_heads(k, self.heads), _split_heads(v, self.heads)
 
-    def forward(self, x, k, v, key_mask, packing: Packing | None = None):
-        q = self.q(x)
-        q = _split_heads(q if packing is None else packing.unpack(q), self.heads)
+    def forward(self, x, k, v, key_mask):
+        q = _split_heads(self.q(x), self.heads)
         p = self.attention_dropout if self.training else 0.0
-        return self.out(_pack(_merge_heads(attention(q, k, v, key_mask, False, p)), packing))
+        return self.out(_merge_heads(attention(q, k, v, key_mask, False, p)))
 
 
 class FeedForward(nn.Module):
@@ -195,8 +147,8 @@ class EncoderLayer(nn.Module):
         self.attn_block = Residual(dim, pre_norm, dropout)
         self.ffn_block = Residual(dim, pre_norm, dropout)
 
-    def forward(self, x, key_mask, packing: Packing | None = None):
-        x = self.attn_block(x, lambda h: self.self_attn(h, key_mask=key_mask, packing=packing))
+    def forward(self, x, key_mask):
+        x = self.attn_block(x, lambda h: self.self_attn(h, key_mask=key_mask))
         return self.ffn_block(x, self.ffn)
 
 
@@ -210,11 +162,9 @@ class DecoderLayer(nn.Module):
         self.cross_block = Residual(dim, pre_norm, dropout)
         self.ffn_block = Residual(dim, pre_norm, dropout)
 
-    def forward(self, x, k, v, key_mask, cache=None, packing: Packing | None = None):
-        x = self.self_block(
-            x, lambda h: self.self_attn(h, causal=cache is None, cache=cache, packing=packing)
-        )
-        x = self.cross_block(x, lambda h: self.cross_attn(h, k, v, key_mask, packing))
+    def forward(self, x, k, v, key_mask, cache=None):
+        x = self.self_block(x, lambda h: self.self_attn(h, causal=cache is None, cache=cache))
+        x = self.cross_block(x, lambda h: self.cross_attn(h, k, v, key_mask))
         return self.ffn_block(x, self.ffn)
 
 
@@ -223,14 +173,6 @@ def _init_linear_layers(module: nn.Module) -> None:
         if isinstance(sub, nn.Linear):
             nn.init.xavier_uniform_(sub.weight)
             nn.init.zeros_(sub.bias)
-
-
-def _positions_of(emb: torch.Tensor, length: int, packing: Packing | None) -> torch.Tensor:
-    """Sinusoids to add to `emb`: (length, dim), or (rows, dim) for packed rows."""
-    table = sinusoidal_positions(length, emb.size(-1), device=emb.device)
-    if packing is not None:
-        table = table.index_select(0, packing.position_in_sentence())
-    return table.to(emb.dtype)
 
 
 class TransformerEncoder(nn.Module):
@@ -243,22 +185,16 @@ class TransformerEncoder(nn.Module):
         self.dropout = dropout
         _init_linear_layers(self)
 
-    def forward(self, emb: torch.Tensor, mask: torch.Tensor, packing: Packing | None = None) -> EncoderOut:
-        """emb (batch, len, dim), or (rows, dim) with `packing`; mask (batch, len) True = token.
-        The memory comes out in the same layout."""
-        x = dropout(emb + _positions_of(emb, mask.size(1), packing), self.dropout, self.training)
+    def forward(self, emb: torch.Tensor, mask: torch.Tensor) -> EncoderOut:
+        positions = sinusoidal_positions(emb.size(1), emb.size(2), device=emb.device)
+        x = dropout(emb + positions.to(emb.dtype), self.dropout, self.training)
         key_mask = mask[:, None, None, :]
         for layer in self.layers:
-            x = layer(x, key_mask, packing)
-        out = {"memory": self.final_norm(x), "mask": mask}
-        if packing is not None:
-            out["packing"] = packing
-        return out
+            x = layer(x, key_mask)
+        return {"memory": self.final_norm(x), "mask": mask}
 
 
 class TransformerDecoder(nn.Module):
-    packs_rows = True  # training can run it (and its encoder) on packed rows
-
     def __init__(self, dim, layers, heads, ffn_dim, dropout, attention_dropout, pre_norm):
         super().__init__()
         self.layers = nn.ModuleList(
@@ -269,27 +205,24 @@ class TransformerDecoder(nn.Module):
         _init_linear_layers(self)
 
     def prepare(self, enc: EncoderOut) -> EncoderOut:
-        """Cross-attention keys and values of every layer (padded layout), computed once per
-        source."""
-        prepared = {key: value for key, value in enc.items() if key != "packing"}
+        """Cross-attention keys and values of every layer, computed once per source."""
+        prepared = dict(enc)
         for i, layer in enumerate(self.layers):
-            kv = layer.cross_attn.keys_values(enc["memory"], enc.get("packing"))
-            prepared[f"k{i}"], prepared[f"v{i}"] = kv
+            prepared[f"k{i}"], prepared[f"v{i}"] = layer.cross_attn.keys_values(enc["memory"])
         return prepared
 
-    def _run(self, x, enc, caches, packing: Packing | None = None):
+    def _run(self, x, enc, caches):
         key_mask = enc["mask"][:, None, None, :]
         for i, layer in enumerate(self.layers):
             cache = caches[i] if caches is not None else None
-            x = layer(x, enc[f"k{i}"], enc[f"v{i}"], key_mask, cache, packing)
+            x = layer(x, enc[f"k{i}"], enc[f"v{i}"], key_mask, cache)
         return self.final_norm(x)
 
-    def forward(self, emb: torch.Tensor, enc: EncoderOut, packing: Packing | None = None) -> torch.Tensor:
-        """Teacher forcing: emb (batch, tgt_len, dim) -> (batch, tgt_len, dim), or packed
-        rows (rows, dim) -> (rows, dim) with `packing` (the target positions)."""
-        length = emb.size(1) if packing is None else packing.length
-        x = dropout(emb + _positions_of(emb, length, packing), self.dropout, self.training)
-        return self._run(x, enc, None, packing)
+    def forward(self, emb: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
+        """Teacher forcing: emb (batch, tgt_len, dim) -> (batch, tgt_len, dim)."""
+        positions = sinusoidal_positions(emb.size(1), emb.size(2), device=emb.device)
+        x = dropout(emb + positions.to(emb.dtype), self.dropout, self.training)
+        return self._run(x, enc, None)
 
     def step(self, emb: torch.Tensor, enc: EncoderOut, cache: dict | None):
         """One incremental step: emb (batch, dim) of the previous token -> (batch, dim)."""

@@ -26,7 +26,7 @@ def sequence_loss(model, batch: Batch, label_smoothing: float):
 
     Tensors only, no host-device synchronization: the positions and their count come from
     the CPU side of the batch (padded rows, if any, have target PAD_ID and count for nothing)."""
-    logits = model(batch.src, batch.tgt_in, batch.target_positions, batch.source_positions)
+    logits = model(batch.src, batch.tgt_in, batch.target_positions)
     loss, nll = label_smoothed_nll(logits, batch.targets, label_smoothing, ignore_index=PAD_ID)
     return loss, nll, batch.target_tokens
 

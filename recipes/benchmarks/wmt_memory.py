@@ -53,8 +53,7 @@ def worst_batch(train_cfg, length: int, device: str, vocab: int) -> Batch:
     if train_cfg.max_sentences:
         sentences = min(sentences, train_cfg.max_sentences)
     ids = torch.randint(4, vocab, (sentences, length), device=device)
-    every = torch.arange(ids.numel(), device=device)  # no padding: every position is a token
-    return Batch(ids, ids, ids, None, every, ids.reshape(-1), ids.numel(), source_positions=every)
+    return Batch(ids, ids, ids, None, torch.arange(ids.numel(), device=device), ids.reshape(-1), ids.numel())
 
 
 def estimate(model_cfg, train_cfg, batch: Batch) -> dict:
