@@ -84,7 +84,9 @@ def release_free_memory(device: torch.device) -> None:
     builds kernels for every new shape and tensors of ever new sizes come and go. glibc
     keeps those pages (it returns only the top of the heap), so the resident memory of a
     bf16 training run grew by about 700 MB every 50 updates and never shrank (measured on
-    Multi30k: 1,842 MB before a trim, 1,109 MB after). A trim costs about a millisecond.
+    Multi30k: 1,842 MB before a trim, 1,109 MB after). A trim took 15-60 ms here (a busy
+    2-core machine), and the pages it returns are faulted in again when reused: callers trim
+    every few updates or batches, not every step.
     Nothing happens on a GPU or without glibc."""
     trim = _malloc_trim() if device.type == "cpu" else None
     if trim is not None:

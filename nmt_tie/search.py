@@ -196,9 +196,10 @@ def beam_search(
         alive = int((~done).sum())
         if alive == 0:
             break
-        if ladder_up(alive) < n:
+        kept = ladder_up(alive)
+        if kept < n:
             # the alive sentences, then done ones, each group in batch order
-            still = done.to(torch.int8).argsort(stable=True)[: ladder_up(alive)].sort().values
+            still = done.to(torch.int8).argsort(stable=True)[:kept].sort().values
             rows = (still.unsqueeze(1) * beam + torch.arange(beam, device=device)).view(-1)
             active, limits, scores = active[still], limits[still], scores[still]
             tokens, prev = tokens.index_select(0, rows), prev.index_select(0, rows)

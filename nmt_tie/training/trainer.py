@@ -56,7 +56,7 @@ from nmt_tie.training.runlock import RunDirLock
 
 HIGHER_IS_BETTER = {"bleu": True, "chrf": True, "loss": False, "ppl": False}
 # On a CPU, free heap pages go back to the system this often (and after every validation):
-# a trim costs 15-35 ms here, 1-3% of an update; every 10 updates keeps that under 0.5%.
+# a trim took 15-60 ms here, a few % of an update; every 10 updates keeps that under 1%.
 RELEASE_MEMORY_EVERY = 10
 
 
