@@ -64,6 +64,15 @@ class TrainingDiverged(UserError):
     pass
 
 
+def compiled_graph_count() -> int:
+    """Graphs torch.compile has built in this process so far (0 without compile). Compiled
+    training builds one for the first batch shape and one with dynamic sizes at the second;
+    a count that keeps growing means recompilation (see TORCH_LOGS=recompiles)."""
+    from torch._dynamo.utils import counters  # no public counter in PyTorch yet
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -475,6 +484,8 @@ class Trainer:
         }
         if grad_norm is not None:
             record["grad_norm"] = round(grad_norm, 3)
+        if self.cfg.compile:
+            record["compiled_graphs"] = compiled_graph_count()
         if self.device.type == "cuda":  # a host-side counter: no synchronization
             record["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
         self.log.write("train", record)
