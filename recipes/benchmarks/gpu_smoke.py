@@ -55,6 +55,7 @@ def train_command(run: Path, data: Path, arch: str, dtype: str, args) -> list[st
         "device": args.device,
         "dtype": dtype,
         "max_tokens": args.max_tokens,
+        "compile": args.compile,
         "max_updates": args.updates,
         "warmup": max(1, args.updates // 4),
         "valid_every": max(1, args.updates // 4),
@@ -121,6 +122,7 @@ def smoke(arch: str, dtype: str, data: Path, out: Path, args) -> dict:
         "tokens_per_s": max(r["tokens_per_s"] for r in train),
         "gpu_peak_gib": max((r.get("gpu_peak_gib", 0.0) for r in train), default=0.0),
         "valid_bleu": log_records(run, "valid")[-1]["bleu"],
+        "compiled_graphs": train[-1].get("compiled_graphs", 0),
         "translate_s": round(translate_s, 2),
         "wall_s": round(seconds, 1),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
@@ -139,6 +141,7 @@ def main() -> None:
     parser.add_argument("--archs", default="transformer,rnn")
     parser.add_argument("--updates", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=8192)
+    parser.add_argument("--compile", action="store_true", help="train with compile: true")
     parser.add_argument("--sentences", type=int, default=100)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
