@@ -167,6 +167,23 @@ def test_converge_mode_stops_early_on_the_final_search_and_keeps_checkpoints_to_
     assert train_cfg.keep_last >= 4 + 5  # the 4 up to best.pt survive 5 validations past it
 
 
+def test_checkpoints_averaged_are_the_nearest_to_the_best_on_both_sides():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "recipes" / "multi30k" / "run.py"
+    spec = importlib.util.spec_from_file_location("multi30k_run_average", path)
+    multi30k_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(multi30k_run)
+    around = multi30k_run.checkpoints_around
+    saved = list(range(500, 4001, 500))
+    # a run that peaked early and trained 3 validations past it: 2 before, 2 after
+    assert around(saved, 2500, 5) == [1500, 2000, 2500, 3000, 3500]
+    assert around(saved, 4000, 5) == [2000, 2500, 3000, 3500, 4000]  # the best is the last
+    assert around(saved, 500, 3) == [500, 1000, 1500]
+    assert around(saved, 2500, 4) == [1500, 2000, 2500, 3000]  # a tie: the earlier one
+    assert around([1000], 1000, 5) == [1000]
+
+
 # --- the WMT recipes' data steps against a fake mirror ---------------------------------------
 
 

@@ -81,7 +81,7 @@ def main() -> None:
         action="store_true",
         help="train to convergence: validate every 500 updates with beam search, stop after "
         "--patience validations without a better BLEU (at most 30,000 updates), and also score the "
-        "average of the last --average checkpoints",
+        "average of the --average checkpoints nearest the best one",
     )
     parser.add_argument("--patience", type=int, default=5, help="with --converge (default 5)")
     parser.add_argument("--average", type=int, default=5, help="with --converge: checkpoints averaged")
@@ -179,17 +179,28 @@ def main() -> None:
         print(CONVERGED_TABLE.read_text().strip())
 
 
+def checkpoints_around(updates: list[int], best_update: int, count: int) -> list[int]:
+    """The `count` checkpoint updates nearest the best one, on both sides (the earlier of two
+    equally near first), in order. Early stopping trains `patience` validations past the best;
+    a run that peaked early would otherwise average in its undertrained start."""
+    nearest = sorted(updates, key=lambda update: (abs(update - best_update), update))[:count]
+    return sorted(nearest)
+
+
 def average_around_best(run_dir: Path, count: int) -> Path:
-    """The average of the `count` numbered checkpoints up to the best one (early stopping
-    trains `patience` validations past it)."""
+    """The average of the `count` numbered checkpoints nearest best.pt (see checkpoints_around);
+    made again when best.pt is newer or the checkpoints chosen differ."""
     import torch
 
     best_update = torch.load(run_dir / "best.pt", weights_only=True)["trainer"]["update"]
-    numbered = sorted(run_dir.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-    chosen = [p for p in numbered if int(p.stem.split("_")[1]) <= best_update][-count:]
+    numbered = {int(p.stem.split("_")[1]): p for p in run_dir.glob("checkpoint_*.pt")}
+    chosen = [str(numbered[u]) for u in checkpoints_around(list(numbered), best_update, count)]
     averaged = run_dir / "averaged.pt"
-    if not up_to_date(averaged, run_dir / "best.pt"):
-        run("average", *map(str, chosen), "-o", str(averaged))
+    if up_to_date(averaged, run_dir / "best.pt"):
+        previous = torch.load(averaged, weights_only=True, map_location="cpu").get("averaged_from")
+        if previous == chosen:
+            return averaged
+    run("average", *chosen, "-o", str(averaged))
     return averaged
 
 
