@@ -181,6 +181,11 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
         if train_cfg.compile:
+            if self.device.type == "cpu":
+                self.say(
+                    "compile: on a 2-core CPU, compiled training measured 0.58x eager in bf16 and "
+                    "0.70x in fp32 (README, Speed); it pays on GPUs (1.4x)"
+                )
             self.train_model = torch.compile(self.train_model)
 
     # --- run directory and checkpoints -------------------------------------------------
