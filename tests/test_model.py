@@ -136,6 +136,33 @@ def test_attention_kernels_equal_the_textbook_formula_with_masks(dtype, causal):
     torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decoding_step_takes_the_fused_kernel_and_equals_the_formula(dtype, monkeypatch):
+    """One query position (incremental decoding, cross-attention in a step): PyTorch's fused
+    kernel in fp32 and bf16 alike (the explicit bf16 products would make oneDNN keep kernels
+    for every cache length), with padded keys masked."""
+    import torch.nn.functional as F
+
+    from nmt_tie.model import transformer
+
+    torch.manual_seed(5)
+    q, k, v = torch.randn(4, 2, 1, 8), torch.randn(4, 2, 7, 8), torch.randn(4, 2, 7, 8)
+    key_mask = torch.ones(4, 1, 1, 7, dtype=torch.bool)
+    key_mask[2, ..., 3:] = False
+    expected = torch.softmax((q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~key_mask, float("-inf")), -1) @ v
+    fused_calls = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        transformer.F,
+        "scaled_dot_product_attention",
+        lambda *a, **kw: fused_calls.append(1) or real_sdpa(*a, **kw),
+    )
+    got = transformer.attention(q.to(dtype), k.to(dtype), v.to(dtype), key_mask).float()
+    assert fused_calls == [1]
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
+
+
 def test_source_padding_does_not_change_the_result():
     torch.manual_seed(3)
     for arch in ARCHS:
