@@ -17,7 +17,7 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 
     Adam is the fused implementation (one kernel over all parameters) where PyTorch has one:
     on 2 CPU threads its step for the 7.6M-parameter Transformer takes 9 ms against 25-45 ms
-    for the default loop over 102 tensors, 3-10% of a bf16 update."""
+    for the default loop over 102 tensors (a bf16 update takes about 0.6 s)."""
     params = list(params)
     if cfg.optimizer == "adam":
         fused = all(p.device.type in FUSED_ADAM_DEVICES and p.is_floating_point() for p in params)
