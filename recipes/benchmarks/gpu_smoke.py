@@ -9,6 +9,7 @@ peak GPU memory. Exit status 1 if any check fails.
 
     recipes/benchmarks/gpu_smoke.sh                 # = python recipes/benchmarks/gpu_smoke.py
     python recipes/benchmarks/gpu_smoke.py --updates 200 --dtypes bf16,fp16 --archs transformer,rnn
+    python recipes/benchmarks/gpu_smoke.py --archs transformer --compile   # compiled, graphs counted
 
 On the CPU (`--device cpu`, few updates) it tests itself: tests/test_gpu_readiness.py runs it.
 """
