@@ -181,6 +181,11 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
         if train_cfg.compile:
+            if getattr(self.model_cfg, "arch", None) == "rnn":
+                self.say(
+                    "compile: the RNN's time loop unrolls, so every new sentence length compiles "
+                    "again (about 5 minutes each on a 2-core CPU); leave compile off for RNNs"
+                )
             if self.device.type == "cpu":
                 self.say(
                     "compile: on a 2-core CPU, compiled training measured 0.58x eager in bf16 and "
