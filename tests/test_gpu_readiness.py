@@ -433,7 +433,7 @@ def test_the_gpu_smoke_script_checks_itself_on_the_cpu(tmp_path, data_dir, small
         "--prepared", str(data_dir), "--translate-from", str(small_corpus / "valid.en"),
         "--max-tokens", "600", "--sentences", "5",
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "killed, resumed, stayed tied and translated: OK" in result.stdout
     run = tmp_path / "smoke" / "transformer-bf16"
@@ -450,7 +450,7 @@ def test_wmt_memory_table_on_the_meta_device():
         "--ties",
         "none,all",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines() if line.startswith("wmt15_en_de")]
     # The paper's 168M / 80M models (at a 90K joint vocabulary), last.pt with Adadelta's two
