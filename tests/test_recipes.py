@@ -133,34 +133,38 @@ def test_a_run_validated_once_is_drawn_as_a_point(tmp_path, monkeypatch):
     assert list(curve.get_xdata()) == [300] and curve.get_marker() == "o"
 
 
-def test_the_demo_warms_up_well_before_its_last_update():
+MULTI30K_RECIPE = Path(__file__).parents[1] / "recipes" / "multi30k" / "run.py"
+
+
+def load_multi30k_recipe():
+    """recipes/multi30k/run.py as a module (it is a script, not part of the package)."""
     import importlib.util
 
-    path = Path(__file__).parents[1] / "recipes" / "multi30k" / "run.py"
-    spec = importlib.util.spec_from_file_location("multi30k_run", path)
-    multi30k_run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(multi30k_run)
+    spec = importlib.util.spec_from_file_location("multi30k_run", MULTI30K_RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_demo_warms_up_well_before_its_last_update():
+    multi30k_run = load_multi30k_recipe()
 
     for updates in (None, 300, 600):
         overrides = dict(item.split("=") for item in multi30k_run.demo_overrides(updates))
         budget = updates or multi30k_run.DEMO_UPDATES
         assert int(overrides["warmup"]) <= budget / 3
-    _, recipe = load_config(Path(__file__).parents[1] / "recipes" / "multi30k" / "transformer-all.yaml")
+    _, recipe = load_config(MULTI30K_RECIPE.parent / "transformer-all.yaml")
     assert recipe.warmup >= multi30k_run.DEMO_UPDATES  # why the demo needs its own
 
 
 def test_converge_mode_stops_early_on_the_final_search_and_keeps_checkpoints_to_average():
     import argparse
-    import importlib.util
 
-    path = Path(__file__).parents[1] / "recipes" / "multi30k" / "run.py"
-    spec = importlib.util.spec_from_file_location("multi30k_run_converge", path)
-    multi30k_run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(multi30k_run)
+    multi30k_run = load_multi30k_recipe()
     args = argparse.Namespace(patience=5, average=4, beam=5)
     overrides = dict(item.split("=") for item in multi30k_run.converge_overrides(args))
     _, train_cfg = load_config(
-        Path(path).parent / "transformer-all.yaml", list(multi30k_run.converge_overrides(args))
+        MULTI30K_RECIPE.parent / "transformer-all.yaml", list(multi30k_run.converge_overrides(args))
     )
     assert train_cfg.patience == 5 and train_cfg.valid_beam == 5  # validation BLEU = final search
     assert int(overrides["save_every"]) == train_cfg.valid_every
@@ -168,12 +172,7 @@ def test_converge_mode_stops_early_on_the_final_search_and_keeps_checkpoints_to_
 
 
 def test_checkpoints_averaged_are_the_nearest_to_the_best_on_both_sides():
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "recipes" / "multi30k" / "run.py"
-    spec = importlib.util.spec_from_file_location("multi30k_run_average", path)
-    multi30k_run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(multi30k_run)
+    multi30k_run = load_multi30k_recipe()
     around = multi30k_run.checkpoints_around
     saved = list(range(500, 4001, 500))
     # a run that peaked early and trained 3 validations past it: 2 before, 2 after
