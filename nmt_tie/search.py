@@ -1,7 +1,9 @@
 """Greedy and batched beam search over one model or an ensemble.
 
-Beam search works on all sentences and all beams at once: the encoder runs once, the
-decoder advances one token per step from its cache (no recomputation of the prefix), and
+Beam search works on all sentences and all beams at once: the encoder runs once and its
+output stays one per sentence (the `beam` hypotheses of a sentence are adjacent rows, and the
+decoders' attention lets them share it), the decoder advances one token per step from its
+cache (no recomputation of the prefix), and
 finished hypotheses are kept per sentence in fixed-size tensors, merged by score with
 `topk`; no Python loop over sentences runs inside a step. A sentence is done once `beam`
 hypotheses have ended (as in fairseq); finished sentences leave the batch, and the search
@@ -47,7 +49,9 @@ class Ensemble:
         log_probs, new_caches = [], []
         for model, enc, cache in zip(self.models, encs, caches, strict=True):
             logits, cache = model.decode_step(enc, prev, cache)
-            log_probs.append(torch.log_softmax(logits.float(), dim=-1))
+            logits = logits.float()
+            # in place: a (rows, vocabulary) tensor fewer to allocate and write every step
+            log_probs.append(torch.log_softmax(logits, dim=-1, out=logits))
             new_caches.append(cache)
         mean = log_probs[0] if len(log_probs) == 1 else torch.stack(log_probs).mean(0)
         mean[:, PAD_ID] = -math.inf
@@ -135,8 +139,8 @@ def beam_search(
     # Every sentence starts with `beam` copies; only the first is alive, so that the first
     # step does not pick the same token `beam` times.
     active = torch.arange(batch, device=device)
-    expand = active.repeat_interleave(beam)
-    encs = Ensemble.reorder(ensemble.encode(src), expand)
+    # one encoder output per sentence: decoders let the beams of a sentence share it
+    encs = ensemble.encode(src)
     limits = max_len.index_select(0, active)
     scores = torch.full((batch, beam), -math.inf, device=device)
     scores[:, 0] = 0.0
@@ -151,9 +155,11 @@ def beam_search(
         if vocab_ids is None:
             vocab_ids = torch.arange(vocab, device=device)
         at_limit = (limits <= t).repeat_interleave(beam)
-        log_probs[at_limit] = log_probs[at_limit].masked_fill(vocab_ids != EOS_ID, -math.inf)
+        if at_limit.any():
+            log_probs[at_limit] = log_probs[at_limit].masked_fill(vocab_ids != EOS_ID, -math.inf)
 
-        candidates = (scores.unsqueeze(2) + log_probs.view(n, beam, vocab)).view(n, beam * vocab)
+        # log_probs is not needed again: the candidates' scores are summed into it in place
+        candidates = log_probs.view(n, beam, vocab).add_(scores.unsqueeze(2)).view(n, beam * vocab)
         top_scores, top_index = candidates.topk(2 * beam, dim=1)
         from_beam = top_index // vocab
         token = top_index % vocab
@@ -203,7 +209,7 @@ def beam_search(
             rows = (still.unsqueeze(1) * beam + torch.arange(beam, device=device)).view(-1)
             active, limits, scores = active[still], limits[still], scores[still]
             tokens, prev = tokens.index_select(0, rows), prev.index_select(0, rows)
-            encs = Ensemble.reorder(encs, rows)
+            encs = Ensemble.reorder(encs, still)
             caches = Ensemble.reorder(caches, rows)
 
     results = []

@@ -111,6 +111,45 @@ def test_incremental_decoding_equals_the_full_forward_pass(arch, norm):
     torch.testing.assert_close(torch.stack(steps, 1), full, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_beams_of_a_sentence_share_its_encoder_output(arch):
+    """Beam search gives the decoder `beam` adjacent rows per sentence and one encoder output
+    per sentence: each step must equal decoding from an encoder output copied per row."""
+    torch.manual_seed(5)
+    model = build_model(tiny_config(arch, "all")).eval()
+    src, beam = source_batch(), 3
+    with torch.no_grad():
+        enc = model.encode(src)
+        copied = {key: value.repeat_interleave(beam, 0) for key, value in enc.items()}
+        shared_cache = copied_cache = None
+        for _ in range(4):
+            prev = torch.randint(4, 50, (src.size(0) * beam,))
+            shared, shared_cache = model.decode_step(enc, prev, shared_cache)
+            expected, copied_cache = model.decode_step(copied, prev, copied_cache)
+            torch.testing.assert_close(shared, expected, rtol=0, atol=1e-5)
+
+
+def test_key_value_cache_equals_concatenation_through_reorders_and_growth():
+    """Appending in place and reordering into a spare buffer give exactly the keys and values
+    of concatenating and selecting rows, also when rows leave and the buffer grows."""
+    from nmt_tie.model.transformer import KeyValueCache
+
+    torch.manual_seed(6)
+    cache, keys, values = KeyValueCache(), None, None
+    rows = 12
+    for step in range(30):  # past the first capacity (8) and its growth
+        k, v = torch.randn(rows, 2, 1, 4), torch.randn(rows, 2, 1, 4)
+        keys = k if keys is None else torch.cat([keys, k], 2)
+        values = v if values is None else torch.cat([values, v], 2)
+        got_keys, got_values = cache.append(k, v)
+        assert torch.equal(got_keys, keys) and torch.equal(got_values, values)
+        if step in (10, 20):
+            rows -= 4  # sentences leave the batch
+        index = torch.randint(0, keys.size(0), (rows,))
+        cache.reorder(index)
+        keys, values = keys.index_select(0, index), values.index_select(0, index)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_kernels_equal_the_textbook_formula_with_masks(dtype, causal):

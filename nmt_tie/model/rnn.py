@@ -99,12 +99,19 @@ class ConditionalGRUDecoder(nn.Module):
         return {**enc, "keys": self.att_keys(memory), "init": torch.tanh(self.init_state(mean))}
 
     def attend(self, query_state: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
-        """MLP attention: context (batch, 2H) for the GRU1 state (batch, H)."""
-        energy = torch.tanh(enc["keys"] + self.att_query(query_state).unsqueeze(1))
+        """MLP attention: context (rows, 2H) for the GRU1 states (rows, H).
+
+        rows = batch * hypotheses per sentence (beam search, next to each other): the
+        hypotheses of a sentence share its keys and memory, which are not copied per beam.
+        """
+        memory = enc["memory"]
+        batch = memory.size(0)
+        query = self.att_query(query_state).view(batch, -1, 1, memory.size(-1))
+        energy = torch.tanh(enc["keys"].unsqueeze(1) + query)  # (batch, hyps, src_len, 2H)
         scores = self.att_score(energy).squeeze(-1).float()
-        scores = scores.masked_fill(~enc["mask"], float("-inf"))
-        weights = torch.softmax(scores, dim=-1).to(enc["memory"].dtype)
-        return torch.bmm(weights.unsqueeze(1), enc["memory"]).squeeze(1)
+        scores = scores.masked_fill(~enc["mask"].unsqueeze(1), float("-inf"))
+        weights = torch.softmax(scores, dim=-1).to(memory.dtype)
+        return torch.bmm(weights, memory).view(query_state.size(0), -1)
 
     def output(self, state: torch.Tensor, prev_emb: torch.Tensor, context: torch.Tensor):
         if self.deep_output:
@@ -132,6 +139,9 @@ class ConditionalGRUDecoder(nn.Module):
 
     def step(self, emb: torch.Tensor, enc: EncoderOut, cache: dict | None):
         """One incremental step: emb (batch, E) of the previous token -> (batch, E)."""
-        state = enc["init"] if cache is None else cache["state"]
+        if cache is None:  # every hypothesis of a sentence starts from its initial state
+            state = enc["init"].repeat_interleave(emb.size(0) // enc["init"].size(0), dim=0)
+        else:
+            state = cache["state"]
         state, context = self._advance(self.gru1.input_proj(emb), state, enc)
         return self.output(state, emb, context), {"state": state}

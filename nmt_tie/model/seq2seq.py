@@ -19,7 +19,7 @@ from nmt_tie.config import ModelConfig
 from nmt_tie.data.tokenizer import PAD_ID
 from nmt_tie.model.embeddings import TiedEmbeddings
 from nmt_tie.model.rnn import BiGRUEncoder, ConditionalGRUDecoder
-from nmt_tie.model.transformer import TransformerDecoder, TransformerEncoder
+from nmt_tie.model.transformer import KeyValueCache, TransformerDecoder, TransformerEncoder
 
 
 class EncoderDecoder(nn.Module):
@@ -58,7 +58,10 @@ class EncoderDecoder(nn.Module):
         return self.embeddings.logits(hidden)
 
     def decode_step(self, enc: dict, prev_tokens: torch.Tensor, cache: dict | None):
-        """Logits (batch, vocab) for the next token after `prev_tokens` (batch,), and the cache."""
+        """Logits (rows, vocab) for the next token after `prev_tokens` (rows,), and the cache.
+
+        rows may be a multiple of the encoder's batch: that many hypotheses per sentence, next
+        to each other (beam search), all attending to their sentence's encoder output."""
         hidden, cache = self.decoder.step(self.embeddings.embed("decoder_input", prev_tokens), enc, cache)
         return self.embeddings.logits(hidden), cache
 
@@ -67,6 +70,8 @@ class EncoderDecoder(nn.Module):
         """Select batch rows `index` in every tensor of an encoder output or decoder cache."""
         if isinstance(tree, torch.Tensor):
             return tree.index_select(0, index)
+        if isinstance(tree, KeyValueCache):
+            return tree.reorder(index)
         if isinstance(tree, dict):
             return {key: EncoderDecoder.reorder(value, index) for key, value in tree.items()}
         if isinstance(tree, list):
