@@ -55,10 +55,11 @@ def test_a_batch_gives_the_same_output_as_one_sentence_at_a_time(arch):
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
 
 
-def test_beam_search_keeps_row_counts_on_the_ladder_and_results_unchanged():
+@pytest.mark.parametrize("beam", [1, 3])
+def test_search_keeps_row_counts_on_the_ladder_and_results_unchanged(beam):
     """Finished sentences leave the batch only in ladder steps (done ones fill the rest and
-    take no more hypotheses): the decoder sees few row counts, and every sentence gets what
-    it gets alone."""
+    take no more hypotheses), in beam search and greedy search alike: the decoder sees few
+    row counts, and every sentence gets what it gets alone."""
     from nmt_tie.data.batching import ladder_up
 
     torch.manual_seed(7)
@@ -73,11 +74,11 @@ def test_beam_search_keeps_row_counts_on_the_ladder_and_results_unchanged():
 
     model.decode_step = recording_step
     translator = Translator(
-        [model], None, None, SearchOptions(beam=3, nbest=3, max_len_b=4, max_tokens=100000)
+        [model], None, None, SearchOptions(beam=beam, nbest=beam, max_len_b=4, max_tokens=100000)
     )
     together = translator.translate_ids(sources)
-    assert all(rows % 3 == 0 and rows // 3 == ladder_up(rows // 3) for rows in rows_seen), rows_seen
-    assert max(rows_seen) == 3 * 24 and len(rows_seen) > 3  # sentences did leave
+    assert all(rows % beam == 0 and rows // beam == ladder_up(rows // beam) for rows in rows_seen)
+    assert max(rows_seen) == beam * 24 and len(rows_seen) > 3, rows_seen  # sentences did leave
     for source, hyps in zip(sources, together, strict=True):
         alone = translator.translate_ids([source])[0]
         assert [h.tokens for h in hyps] == [h.tokens for h in alone]
