@@ -85,11 +85,7 @@ def greedy_search(ensemble: Ensemble, src: torch.Tensor, max_len: torch.Tensor) 
     encs, caches = ensemble.encode(src), None
     for t in range(width):
         log_probs, caches = ensemble.step(encs, prev, caches)
-        at_limit = limits <= t  # only EOS left once the limit is reached
-        if at_limit.any():
-            log_probs[at_limit] = log_probs[at_limit].masked_fill(
-                torch.arange(log_probs.size(1), device=device) != EOS_ID, -math.inf
-            )
+        _only_eos_at_limit(log_probs, limits <= t)
         best = log_probs.argmax(-1).masked_fill(finished, PAD_ID)
         gained = log_probs.gather(1, best.unsqueeze(1)).squeeze(1).masked_fill(finished, 0.0)
         scores[active] += gained
@@ -99,10 +95,8 @@ def greedy_search(ensemble: Ensemble, src: torch.Tensor, max_len: torch.Tensor) 
         if alive == 0:
             break
         prev = best
-        kept = ladder_up(alive)
-        if kept < active.numel():
-            # the unfinished sentences, then finished ones, each group in batch order
-            still = finished.to(torch.int8).argsort(stable=True)[:kept].sort().values
+        still = _sentences_staying(finished, alive)
+        if still is not None:
             active, limits, finished, prev = active[still], limits[still], finished[still], prev[still]
             encs = Ensemble.reorder(encs, still)
             caches = Ensemble.reorder(caches, still)
@@ -117,6 +111,26 @@ def _strip(tokens: list[int]) -> list[int]:
             break
         out.append(token)
     return out
+
+
+def _only_eos_at_limit(log_probs: torch.Tensor, at_limit: torch.Tensor) -> None:
+    """Rows that reached their length limit may only end: every other token gets -inf."""
+    if at_limit.any():
+        vocab_ids = torch.arange(log_probs.size(1), device=log_probs.device)
+        log_probs[at_limit] = log_probs[at_limit].masked_fill(vocab_ids != EOS_ID, -math.inf)
+
+
+def _sentences_staying(done: torch.Tensor, alive: int) -> torch.Tensor | None:
+    """Which sentences stay when finished ones leave the batch, or None when all stay.
+
+    Only as many leave as keep the number of sentences on the shape ladder (done ones fill
+    the rest): the decoder then sees few distinct row counts (oneDNN keeps kernels per
+    shape). The unfinished sentences come first, then done ones, each group in batch order.
+    """
+    kept = ladder_up(alive)
+    if kept >= done.numel():
+        return None
+    return done.to(torch.int8).argsort(stable=True)[:kept].sort().values
 
 
 LENGTH_NORMS = ("average", "gnmt")
@@ -162,16 +176,11 @@ def beam_search(
     tokens = torch.zeros(batch * beam, 0, dtype=torch.long, device=device)
     prev = torch.full((batch * beam,), BOS_ID, dtype=torch.long, device=device)
     caches = None
-    vocab_ids = None
     for t in range(width):
         n = active.numel()
         log_probs, caches = ensemble.step(encs, prev, caches)
         vocab = log_probs.size(1)
-        if vocab_ids is None:
-            vocab_ids = torch.arange(vocab, device=device)
-        at_limit = (limits <= t).repeat_interleave(beam)
-        if at_limit.any():
-            log_probs[at_limit] = log_probs[at_limit].masked_fill(vocab_ids != EOS_ID, -math.inf)
+        _only_eos_at_limit(log_probs, (limits <= t).repeat_interleave(beam))
 
         # log_probs is not needed again: the candidates' scores are summed into it in place
         candidates = log_probs.view(n, beam, vocab).add_(scores.unsqueeze(2)).view(n, beam * vocab)
@@ -210,17 +219,13 @@ def beam_search(
         tokens = torch.cat([tokens.index_select(0, rows), prev.unsqueeze(1)], dim=1)
         caches = Ensemble.reorder(caches, rows)
 
-        # 3. Sentences with `beam` finished hypotheses leave the batch, but only as many as
-        #    keep the number of sentences on the shape ladder (done ones fill the rest): the
-        #    decoder then sees few distinct row counts (oneDNN keeps kernels per shape).
+        # 3. Sentences with `beam` finished hypotheses leave the batch, in ladder steps.
         done = fin_count.index_select(0, active) >= beam
         alive = int((~done).sum())
         if alive == 0:
             break
-        kept = ladder_up(alive)
-        if kept < n:
-            # the alive sentences, then done ones, each group in batch order
-            still = done.to(torch.int8).argsort(stable=True)[:kept].sort().values
+        still = _sentences_staying(done, alive)
+        if still is not None:
             rows = (still.unsqueeze(1) * beam + torch.arange(beam, device=device)).view(-1)
             active, limits, scores = active[still], limits[still], scores[still]
             tokens, prev = tokens.index_select(0, rows), prev.index_select(0, rows)

@@ -43,20 +43,23 @@ FAIRSEQ_MODEL = shlex.split(
 FAIRSEQ_MAX_TOKENS = 2270
 
 
-def write_pieces(data: Path, out: Path) -> None:
-    """Train and valid as space-separated pieces, and fairseq's dictionary of the vocabulary."""
+def write_pieces(data: Path, out: Path, splits: dict[str, str] | None = None) -> tuple[str, str]:
+    """Prepared splits as space-separated pieces, written as `out/NAME.LANG` for each
+    `{split: NAME}` (default: train and valid), and fairseq's dictionary of the vocabulary;
+    returns the (source, target) languages."""
     pieces = (data / "vocab.txt").read_text(encoding="utf-8").split("\n")
     out.mkdir(parents=True, exist_ok=True)
     record = json.loads((data / "prepare.json").read_text())["options"]
-    for split in ("train", "valid"):
+    for split, name in (splits or {"train": "train", "valid": "valid"}).items():
         for lang in (record["src"], record["tgt"]):
             ids = np.load(data / f"{split}.{lang}.ids.npy", mmap_mode="r")
             offsets = np.load(data / f"{split}.{lang}.offsets.npy")
-            with open(out / f"{split}.{lang}", "w", encoding="utf-8") as handle:
+            with open(out / f"{name}.{lang}", "w", encoding="utf-8") as handle:
                 for start, end in zip(offsets[:-1], offsets[1:], strict=True):
                     handle.write(" ".join(pieces[i] for i in ids[start:end]) + "\n")
     with open(out / "dict.txt", "w", encoding="utf-8") as handle:  # without the 4 specials
         handle.writelines(f"{piece} 1\n" for piece in pieces[4:] if piece)
+    return record["src"], record["tgt"]
 
 
 def timed(command: list[str], **kwargs) -> float:

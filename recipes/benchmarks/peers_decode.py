@@ -33,7 +33,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from nmt_tie.data.locations import data_root
@@ -42,7 +41,7 @@ from nmt_tie.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from nmt_tie.model.transformer import sinusoidal_positions
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peers import FAIRSEQ_MODEL  # noqa: E402 (this script's siblings)
+from peers import FAIRSEQ_MODEL, write_pieces  # noqa: E402 (this script's siblings)
 from translate_speed import measure  # noqa: E402
 
 # fairseq's dictionary: <s> </s> <pad> <unk> at 0 2 1 3, then the pieces in nmt-tie's order
@@ -132,24 +131,6 @@ def fairseq_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {key: value.contiguous() for key, value in sd.items()}
 
 
-def write_test_pieces(data: Path, out: Path) -> tuple[str, str]:
-    """test2016 as space-separated pieces (fairseq-preprocess input); (src, tgt) language codes."""
-    import json
-
-    pieces = (data / "vocab.txt").read_text(encoding="utf-8").split("\n")
-    options = json.loads((data / "prepare.json").read_text())["options"]
-    src, tgt = options["src"], options["tgt"]
-    for lang in (src, tgt):
-        ids = np.load(data / f"test_2016_flickr.{lang}.ids.npy", mmap_mode="r")
-        offsets = np.load(data / f"test_2016_flickr.{lang}.offsets.npy")
-        with open(out / f"test.{lang}", "w", encoding="utf-8") as handle:
-            for start, end in zip(offsets[:-1], offsets[1:], strict=True):
-                handle.write(" ".join(pieces[i] for i in ids[start:end] if i != EOS_ID) + "\n")
-    with open(out / "dict.txt", "w", encoding="utf-8") as handle:  # without the 4 specials
-        handle.writelines(f"{piece} 1\n" for piece in pieces[4:] if piece)
-    return src, tgt
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -166,7 +147,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
     fairseq_bin = args.fairseq_venv / "bin"
 
-    src, tgt = write_test_pieces(args.data, work)
+    src, tgt = write_pieces(args.data, work, {"test_2016_flickr": "test"})
     bin_dir = work / "bin"
     shutil.rmtree(bin_dir, ignore_errors=True)  # fairseq-preprocess refuses to overwrite
     subprocess.run(
