@@ -150,13 +150,20 @@ def test_key_value_cache_equals_concatenation_through_reorders_and_growth():
         keys, values = keys.index_select(0, index), values.index_select(0, index)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype,cpu_attention", [(torch.float32, "bf16"), (torch.bfloat16, "bf16"), (torch.bfloat16, "fp32")]
+)
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_kernels_equal_the_textbook_formula_with_masks(dtype, causal):
-    """fp32 takes PyTorch's fused kernel, bf16 on the CPU the explicit path: both must be
+def test_attention_kernels_equal_the_textbook_formula_with_masks(dtype, cpu_attention, causal, monkeypatch):
+    """fp32 takes PyTorch's fused kernel, bf16 on the CPU the explicit path (or with
+    cpu_attention fp32 the fused kernel in fp32, under autocast too): all must be
     softmax(q k^T / sqrt(d) + mask) v, with padded keys (encoder, cross-attention) or future
     positions (decoder self-attention, which has no padded keys: they come last) masked."""
+    from nmt_tie.model import transformer
     from nmt_tie.model.transformer import attention
+
+    monkeypatch.setattr(transformer, "_cpu_bf16_attention", "bf16")
+    transformer.set_cpu_bf16_attention(cpu_attention)
 
     torch.manual_seed(4)
     q, k, v = (torch.randn(3, 2, 6, 8) for _ in range(3))
@@ -170,9 +177,25 @@ def test_attention_kernels_equal_the_textbook_formula_with_masks(dtype, causal):
     else:
         scores = scores.masked_fill(~key_mask, float("-inf"))
     expected = torch.softmax(scores, -1) @ v
-    got = attention(q.to(dtype), k.to(dtype), v.to(dtype), key_mask, causal=causal).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        got = attention(q.to(dtype), k.to(dtype), v.to(dtype), key_mask, causal=causal)
+    assert got.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
+    torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=0)
+    if cpu_attention == "fp32":  # fp32 products of the bf16 inputs, rounded once to bf16
+        q, k, v = (t.to(dtype).float() for t in (q, k, v))
+        mask = torch.ones(6, 6, dtype=torch.bool).tril() if causal else key_mask
+        exact = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(got, exact.to(dtype), atol=0, rtol=0)
+
+
+def test_cpu_attention_takes_bf16_or_fp32_only(monkeypatch):
+    from nmt_tie.errors import UserError
+    from nmt_tie.model import transformer
+
+    monkeypatch.setattr(transformer, "_cpu_bf16_attention", "bf16")
+    with pytest.raises(UserError, match="cpu_attention must be bf16 or fp32"):
+        transformer.set_cpu_bf16_attention("fp16")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

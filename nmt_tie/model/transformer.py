@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from nmt_tie.errors import UserError
 from nmt_tie.model.dropout import dropout
 
 EncoderOut = dict[str, torch.Tensor]
@@ -42,12 +43,32 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
+_cpu_bf16_attention = "bf16"
+
+
+def set_cpu_bf16_attention(precision: str) -> None:
+    """How bf16 attention with several query positions runs on the CPU (training, the
+    encoder, cross-attention of a beam): "bf16", explicit bf16 matrix products, the fastest;
+    or "fp32", PyTorch's fused kernel on fp32 copies of q, k and v, for flat memory.
+
+    oneDNN builds and keeps a kernel for every (batch x heads, query length, key length) it
+    multiplies in bf16, a few MB each: at the Multi30k recipe's shapes bf16 training holds
+    about 0.65 GB more after 200 updates (2,152 against 1,507 MB) and is about 7% faster
+    (recipes/benchmarks/results/bf16_memory_cpu.txt). The fp32 products cost more than the
+    bf16 ones only in the casts: attention is ~3% of a small Transformer's FLOPs."""
+    global _cpu_bf16_attention
+    if precision not in ("bf16", "fp32"):
+        raise UserError(f"cpu_attention must be bf16 or fp32, not {precision!r}")
+    _cpu_bf16_attention = precision
+
+
 def attention(q, k, v, key_mask=None, causal=False, dropout_p=0.0) -> torch.Tensor:
     """Scaled dot-product attention; q, k, v (batch, heads, len, head_dim), mask True = attend.
 
     PyTorch's fused CPU kernel is fast in fp32 but about six times slower than plain matrix
     products in bf16 (measured here: 28 ms against 4.6 ms forward+backward for 128 sentences
-    of 20 tokens), so bf16 on the CPU takes the explicit path, except in decoding steps (one
+    of 20 tokens), so bf16 on the CPU takes the explicit path (or, with
+    `set_cpu_bf16_attention("fp32")`, the fused kernel in fp32), except in decoding steps (one
     query position): there the fused kernel is as fast, and the explicit products would make
     oneDNN build and keep kernels for every (rows, cache length) pair a translation meets.
 
@@ -56,12 +77,22 @@ def attention(q, k, v, key_mask=None, causal=False, dropout_p=0.0) -> torch.Tens
     on an H100 (torch 2.11, small Transformer, bf16): 380 ms for a training step of a shape
     not seen before against 20 ms once seen; without cuDNN 31 ms and 23.5 ms.
     """
-    if not (q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.size(-2) > 1):
-        kernels = sdpa_kernel(GPU_ATTENTION_KERNELS) if q.device.type == "cuda" else nullcontext()
-        with kernels:
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=key_mask, dropout_p=dropout_p, is_causal=causal
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.size(-2) > 1:
+        if _cpu_bf16_attention == "bf16":
+            return _explicit_attention(q, k, v, key_mask, causal, dropout_p)
+        with torch.autocast("cpu", enabled=False):  # autocast would cast q, k, v back to bf16
+            fp32 = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=key_mask, dropout_p=dropout_p, is_causal=causal
             )
+        return fp32.to(q.dtype)
+    kernels = sdpa_kernel(GPU_ATTENTION_KERNELS) if q.device.type == "cuda" else nullcontext()
+    with kernels:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_mask, dropout_p=dropout_p, is_causal=causal
+        )
+
+
+def _explicit_attention(q, k, v, key_mask, causal, dropout_p) -> torch.Tensor:
     scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5
     if causal:
         future = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).triu(1)

@@ -48,6 +48,7 @@ from nmt_tie.devices import (
     set_tf32,
 )
 from nmt_tie.errors import UserError
+from nmt_tie.model.transformer import set_cpu_bf16_attention
 from nmt_tie.progress import progress_bar
 from nmt_tie.training import distributed
 from nmt_tie.training.metrics import MetricsLog
@@ -128,6 +129,7 @@ class Trainer:
         self.precision = effective_dtype(self.device, train_cfg.dtype)
         self.valid_precision = effective_dtype(self.device, train_cfg.valid_dtype)
         set_tf32(self.device, train_cfg.tf32)
+        set_cpu_bf16_attention(train_cfg.cpu_attention)
         self.autocast = autocast_context(self.device, self.precision)
         self.run_dir = Path(train_cfg.save_dir)
         seed_everything(train_cfg.seed + self.dist.rank)
