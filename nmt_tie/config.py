@@ -94,7 +94,7 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch; 0 = all cores
     compile: bool = False  # torch.compile the model
     cpu_attention: str = "bf16"  # bf16 on the CPU: attention in bf16 products (fastest) or fp32
-    #                              (fused kernel: ~0.65 GB less at the recipe's shapes, ~7% slower)
+    #                              (fused kernel: 1.44x fp32's memory, not 1.83x; ~7% slower)
     # batching
     max_tokens: int = 4096  # padded source + target tokens per batch (per GPU)
     max_sentences: int = 0  # optional cap on sentences per batch; 0 = none

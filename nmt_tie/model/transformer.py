@@ -52,8 +52,8 @@ def set_cpu_bf16_attention(precision: str) -> None:
     or "fp32", PyTorch's fused kernel on fp32 copies of q, k and v, for flat memory.
 
     oneDNN builds and keeps a kernel for every (batch x heads, query length, key length) it
-    multiplies in bf16, a few MB each: at the Multi30k recipe's shapes bf16 training holds
-    about 0.65 GB more after 200 updates (2,152 against 1,507 MB) and is about 7% faster
+    multiplies in bf16, a few MB each: at the Multi30k recipe's shapes bf16 training peaked at
+    1,838 MB against 1,448 MB with "fp32" (fp32 training: 1,007 MB) and is about 7% faster
     (recipes/benchmarks/results/bf16_memory_cpu.txt). The fp32 products cost more than the
     bf16 ones only in the casts: attention is ~3% of a small Transformer's FLOPs."""
     global _cpu_bf16_attention
