@@ -81,10 +81,7 @@ def attention(q, k, v, key_mask=None, causal=False, dropout_p=0.0) -> torch.Tens
         if _cpu_bf16_attention == "bf16":
             return _explicit_attention(q, k, v, key_mask, causal, dropout_p)
         with torch.autocast("cpu", enabled=False):  # autocast would cast q, k, v back to bf16
-            fp32 = F.scaled_dot_product_attention(
-                q.float(), k.float(), v.float(), attn_mask=key_mask, dropout_p=dropout_p, is_causal=causal
-            )
-        return fp32.to(q.dtype)
+            return attention(q.float(), k.float(), v.float(), key_mask, causal, dropout_p).to(q.dtype)
     kernels = sdpa_kernel(GPU_ATTENTION_KERNELS) if q.device.type == "cuda" else nullcontext()
     with kernels:
         return F.scaled_dot_product_attention(
