@@ -15,8 +15,10 @@ Engines (--engines):
   (`ctranslate2.Translator.translate_batch`), to show what nmt-tie's wrapper costs.
 
 Then `nmt-tie translate` on 100,000 lines from a pipe, peak RSS next to 10,000 lines.
+With `--device cuda` every engine runs on the GPU and the rows add its peak memory.
 
     python recipes/benchmarks/translate_speed.py CHECKPOINT [...] [--beams 1,5] [--stream-lines 100000]
+    python recipes/benchmarks/translate_speed.py CHECKPOINT --device cuda --engines pytorch-fp32,pytorch-bf16
 """
 
 from __future__ import annotations
@@ -50,10 +52,17 @@ def _best_of_two(run):
 
 
 def measure(
-    engine: str, model: str, beam: int, lines: list[str], max_tokens: int = 4096, threads: int = 0
+    engine: str,
+    model: str,
+    beam: int,
+    lines: list[str],
+    max_tokens: int = 4096,
+    threads: int = 0,
+    device: str = "cpu",
 ) -> dict:
-    """Translate `lines`; (seconds, output pieces incl. EOS, detokenized hypotheses).
-    Export rows never import PyTorch, as `nmt-tie translate -c DIR` (their peak RSS is theirs)."""
+    """Translate `lines`; (seconds, output pieces incl. EOS, detokenized hypotheses, peak GPU
+    memory of PyTorch rows on a GPU). Export rows never import PyTorch, as `nmt-tie translate
+    -c DIR` (their peak RSS is theirs)."""
     from nmt_tie.translate import SearchOptions, Translator
 
     options = SearchOptions(beam=beam, lenpen=1.0, max_tokens=max_tokens)
@@ -62,12 +71,14 @@ def measure(
 
         if threads:
             torch.set_num_threads(threads)
-        translator = Translator.from_checkpoints([Path(model)], options, dtype=engine.split("-")[1])
+        translator = Translator.from_checkpoints(
+            [Path(model)], options, device=device, dtype=engine.split("-")[1]
+        )
     else:
         from nmt_tie.deploy import EXPORT_MAX_TOKENS, ExportedTranslator
 
         options.max_tokens = EXPORT_MAX_TOKENS  # as `nmt-tie translate` on an export
-        translator = ExportedTranslator(model, options, threads=threads)
+        translator = ExportedTranslator(model, options, device=device, threads=threads)
     sources = translator.src.encode(lines)
     if engine.startswith("ct2"):
         pieces = [translator.src.pieces(ids) for ids in sources]
@@ -93,14 +104,23 @@ def measure(
         seconds, results = _best_of_two(run)
         ids = [h[0].tokens if h else [] for h in results]
     hypotheses = [translator.tgt.decode(t) for t in ids]
-    return {"seconds": seconds, "pieces": sum(len(t) + 1 for t in ids), "hypotheses": hypotheses}
+    gpu_mb = None
+    if engine.startswith("pytorch") and device.startswith("cuda"):
+        gpu_mb = torch.cuda.max_memory_allocated() / 2**20
+    return {
+        "seconds": seconds,
+        "pieces": sum(len(t) + 1 for t in ids),
+        "hypotheses": hypotheses,
+        "gpu_peak_mb": gpu_mb,
+    }
 
 
-def run_row(engine: str, model: str, beam: int, max_tokens: int, threads: int) -> dict:
+def run_row(engine: str, model: str, beam: int, max_tokens: int, threads: int, device: str) -> dict:
     """One row in a fresh process: its own peak RSS."""
     spec = json.dumps(
-        {"engine": engine, "model": model, "beam": beam, "max_tokens": max_tokens, "threads": threads}
-    )
+        {"engine": engine, "model": model, "beam": beam, "max_tokens": max_tokens, "threads": threads,
+         "device": device}
+    )  # fmt: skip
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         process = subprocess.Popen([sys.executable, __file__, "--row", spec, "--row-out", out.name])
         _, status, usage = os.wait4(process.pid, 0)
@@ -111,6 +131,10 @@ def run_row(engine: str, model: str, beam: int, max_tokens: int, threads: int) -
     return result
 
 
+def gpu_column(megabytes: float | None) -> str:
+    return f"{megabytes:>8.0f}" if megabytes is not None else f"{'-':>8}"
+
+
 def disk_bytes(model: str) -> int:
     path = Path(model)
     if path.is_dir():
@@ -118,10 +142,12 @@ def disk_bytes(model: str) -> int:
     return path.stat().st_size
 
 
-def streaming_peak_rss(checkpoint: Path, lines: list[str], count: int, dtype: str) -> tuple[float, float]:
+def streaming_peak_rss(
+    checkpoint: Path, lines: list[str], count: int, dtype: str, device: str = "cpu"
+) -> tuple[float, float]:
     """(peak RSS in MB, seconds) of `nmt-tie translate` (greedy) on `count` piped lines."""
     command = [sys.executable, "-m", "nmt_tie", "translate", "-c", str(checkpoint), "--beam", "1"]
-    command += ["--dtype", dtype, "-o", "/dev/null"]
+    command += ["--dtype", dtype, "--device", device, "-o", "/dev/null"]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdin=subprocess.PIPE, text=True)
     for i in range(count):
@@ -151,6 +177,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="threads of every engine (0: PyTorch's default)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (every engine)")
     parser.add_argument("--exports", type=Path, help="where to write the exports (default: a temporary dir)")
     parser.add_argument("--stream-lines", type=int, default=100_000)
     parser.add_argument("--stream-dtypes", default="fp32,bf16", help="'' to skip the memory test")
@@ -163,7 +190,15 @@ def main() -> None:
         row = json.loads(args.row)
         Path(args.row_out).write_text(
             json.dumps(
-                measure(row["engine"], row["model"], row["beam"], lines, row["max_tokens"], row["threads"])
+                measure(
+                    row["engine"],
+                    row["model"],
+                    row["beam"],
+                    lines,
+                    row["max_tokens"],
+                    row["threads"],
+                    row["device"],
+                )  # fmt: skip
             )
         )
         return
@@ -176,6 +211,7 @@ def main() -> None:
     header = (
         f"{'model':<28}{'engine':<16}{'search':<8}{'pieces/s':>9}{'sent/s':>8}{'RSS MB':>8}"
         f"{'BLEU':>7}{'ratio':>7}{'same':>7}{'MB on disk':>11}"
+        + (f"{'GPU MB':>8}" if args.device.startswith("cuda") else "")
     )
     print(header, flush=True)
     for checkpoint in args.checkpoints:
@@ -190,7 +226,7 @@ def main() -> None:
         for beam in map(int, args.beams.split(",")):
             reference_hyps = None
             for engine in engines:
-                row = run_row(engine, models[engine], beam, args.max_tokens, args.threads)
+                row = run_row(engine, models[engine], beam, args.max_tokens, args.threads, args.device)
                 hyps = row["hypotheses"]
                 if reference_hyps is None and engine == "pytorch-fp32":
                     reference_hyps = hyps
@@ -204,7 +240,8 @@ def main() -> None:
                 print(
                     f"{name:<28}{engine:<16}{search:<8}{row['pieces'] / row['seconds']:>9.0f}"
                     f"{len(lines) / row['seconds']:>8.1f}{row['peak_rss_mb']:>8.0f}{bleu.score:>7.2f}"
-                    f"{bleu.sys_len / bleu.ref_len:>7.3f}{same:>7}{disk_bytes(models[engine]) / 1e6:>11.1f}",
+                    f"{bleu.sys_len / bleu.ref_len:>7.3f}{same:>7}{disk_bytes(models[engine]) / 1e6:>11.1f}"
+                    + (gpu_column(row["gpu_peak_mb"]) if args.device.startswith("cuda") else ""),
                     flush=True,
                 )
     train = list(read_lines(multi30k / "train.en.gz"))
@@ -212,8 +249,8 @@ def main() -> None:
         if not args.checkpoints:
             break
         # bf16 grows more than fp32 before levelling off: oneDNN keeps kernels per matrix shape
-        small, _ = streaming_peak_rss(args.checkpoints[0], train, args.stream_lines // 10, dtype)
-        large, seconds = streaming_peak_rss(args.checkpoints[0], train, args.stream_lines, dtype)
+        small, _ = streaming_peak_rss(args.checkpoints[0], train, args.stream_lines // 10, dtype, args.device)
+        large, seconds = streaming_peak_rss(args.checkpoints[0], train, args.stream_lines, dtype, args.device)
         print(
             f"nmt-tie translate from a pipe (greedy, {dtype}): peak RSS {small:.0f} MB for "
             f"{args.stream_lines // 10:,} lines, {large:.0f} MB for {args.stream_lines:,} lines "
