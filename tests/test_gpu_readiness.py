@@ -459,3 +459,31 @@ def test_wmt_memory_table_on_the_meta_device():
     assert [row[4] for row in rows] == ["167,358,501", "77,358,501"]
     assert float(rows[0][5]) == pytest.approx(167_358_501 * 12 / 1e9, abs=0.01)
     assert float(rows[1][7]) < float(rows[0][7])  # the tied model needs less memory
+
+
+def test_gemm_ceiling_times_the_transformers_own_linear_layers():
+    """The products gemm_ceiling.py times are exactly the Transformer's linear layers (shapes and
+    counts) plus its output layer, so its ceiling is that of this model's training."""
+    import importlib.util
+    from collections import Counter
+
+    from nmt_tie.config import ModelConfig
+    from nmt_tie.model.seq2seq import build_model
+
+    spec = importlib.util.spec_from_file_location("gemm_ceiling", BENCHMARKS / "gemm_ceiling.py")
+    gemm_ceiling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gemm_ceiling)
+    dim, ffn, layers, vocab = 32, 96, 3, 70
+    config = ModelConfig(
+        arch="transformer", tie="all", emb_dim=dim, ffn_dim=ffn, enc_layers=layers, dec_layers=layers,
+        heads=4, src_vocab_size=vocab, tgt_vocab_size=vocab, shared_vocab=True,
+    )  # fmt: skip
+    model = build_model(config)
+    actual = Counter(
+        (m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)
+    )
+    actual[(dim, vocab)] += 1  # the output layer: the tied embedding matrix, not an nn.Linear
+    timed = Counter()
+    for fan_in, fan_out, count in gemm_ceiling.linear_layers(dim, ffn, layers, vocab).values():
+        timed[(fan_in, fan_out)] += count
+    assert timed == actual
