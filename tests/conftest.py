@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -70,3 +72,11 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
         code = exit_.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def load_script(path: Path) -> ModuleType:
+    """A recipe or benchmark script (not part of the package) as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import prepare_small
+from conftest import load_script, prepare_small
 from test_train import assert_same_weights, final_weights, make_trainer, read_log, write_config
 
 from nmt_tie import devices
@@ -464,15 +464,12 @@ def test_wmt_memory_table_on_the_meta_device():
 def test_gemm_ceiling_times_the_transformers_own_linear_layers():
     """The products gemm_ceiling.py times are exactly the Transformer's linear layers (shapes and
     counts) plus its output layer, so its ceiling is that of this model's training."""
-    import importlib.util
     from collections import Counter
 
     from nmt_tie.config import ModelConfig
     from nmt_tie.model.seq2seq import build_model
 
-    spec = importlib.util.spec_from_file_location("gemm_ceiling", BENCHMARKS / "gemm_ceiling.py")
-    gemm_ceiling = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gemm_ceiling)
+    gemm_ceiling = load_script(BENCHMARKS / "gemm_ceiling.py")
     dim, ffn, layers, vocab = 32, 96, 3, 70
     config = ModelConfig(
         arch="transformer", tie="all", emb_dim=dim, ffn_dim=ffn, enc_layers=layers, dec_layers=layers,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import prepare_small
+from conftest import load_script, prepare_small
 from test_train import write_config
 
 from nmt_tie.compare import RunSummary, compare, comparison_table
@@ -138,12 +138,7 @@ MULTI30K_RECIPE = Path(__file__).parents[1] / "recipes" / "multi30k" / "run.py"
 
 def load_multi30k_recipe():
     """recipes/multi30k/run.py as a module (it is a script, not part of the package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("multi30k_run", MULTI30K_RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(MULTI30K_RECIPE)
 
 
 def test_the_demo_warms_up_well_before_its_last_update():

@@ -118,9 +118,15 @@ def measure(
 def run_row(engine: str, model: str, beam: int, max_tokens: int, threads: int, device: str) -> dict:
     """One row in a fresh process: its own peak RSS."""
     spec = json.dumps(
-        {"engine": engine, "model": model, "beam": beam, "max_tokens": max_tokens, "threads": threads,
-         "device": device}
-    )  # fmt: skip
+        {
+            "engine": engine,
+            "model": model,
+            "beam": beam,
+            "max_tokens": max_tokens,
+            "threads": threads,
+            "device": device,
+        }
+    )
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
         process = subprocess.Popen([sys.executable, __file__, "--row", spec, "--row-out", out.name])
         _, status, usage = os.wait4(process.pid, 0)
@@ -190,15 +196,7 @@ def main() -> None:
         row = json.loads(args.row)
         Path(args.row_out).write_text(
             json.dumps(
-                measure(
-                    row["engine"],
-                    row["model"],
-                    row["beam"],
-                    lines,
-                    row["max_tokens"],
-                    row["threads"],
-                    row["device"],
-                )  # fmt: skip
+                measure(lines=lines, **row)  # the row's keys are measure's arguments
             )
         )
         return
@@ -208,10 +206,10 @@ def main() -> None:
     references = list(read_lines(multi30k / f"{TEST}.de.gz"))
     engines = args.engines.split(",")
     export_dir = args.exports or Path(tempfile.mkdtemp(prefix="nmt-tie-exports-"))
+    on_gpu = args.device.startswith("cuda")
     header = (
         f"{'model':<28}{'engine':<16}{'search':<8}{'pieces/s':>9}{'sent/s':>8}{'RSS MB':>8}"
-        f"{'BLEU':>7}{'ratio':>7}{'same':>7}{'MB on disk':>11}"
-        + (f"{'GPU MB':>8}" if args.device.startswith("cuda") else "")
+        f"{'BLEU':>7}{'ratio':>7}{'same':>7}{'MB on disk':>11}" + (f"{'GPU MB':>8}" if on_gpu else "")
     )
     print(header, flush=True)
     for checkpoint in args.checkpoints:
@@ -241,7 +239,7 @@ def main() -> None:
                     f"{name:<28}{engine:<16}{search:<8}{row['pieces'] / row['seconds']:>9.0f}"
                     f"{len(lines) / row['seconds']:>8.1f}{row['peak_rss_mb']:>8.0f}{bleu.score:>7.2f}"
                     f"{bleu.sys_len / bleu.ref_len:>7.3f}{same:>7}{disk_bytes(models[engine]) / 1e6:>11.1f}"
-                    + (gpu_column(row["gpu_peak_mb"]) if args.device.startswith("cuda") else ""),
+                    + (gpu_column(row["gpu_peak_mb"]) if on_gpu else ""),
                     flush=True,
                 )
     train = list(read_lines(multi30k / "train.en.gz"))
