@@ -37,6 +37,8 @@ class ModelConfig:
     deep_output: bool = True  # RNN: deep output layer down to emb_dim (needed for tying)
     scale_embeddings: bool | None = None  # multiply input embeddings by sqrt(emb_dim); None:
     #                                       yes for the Transformer, no for the RNN
+    emb_init_std: float | None = None  # std of the embedding matrices' normal initialization;
+    #                                    None: emb_dim ** -0.5 (rows of unit norm)
     projection_reg: float = 0.0  # lambda of projection regularization; 0 = no projection P
     src_vocab_size: int = 0  # filled in from the prepared data
     tgt_vocab_size: int = 0  # filled in from the prepared data
@@ -68,6 +70,8 @@ class ModelConfig:
             raise UserError(f"emb_dim {self.emb_dim} is not divisible by heads {self.heads}")
         if self.projection_reg < 0:
             raise UserError("projection_reg must be >= 0")
+        if self.emb_init_std is not None and self.emb_init_std <= 0:
+            raise UserError(f"emb_init_std must be > 0 (null: emb_dim ** -0.5), not {self.emb_init_std}")
 
     @property
     def output_dim(self) -> int:
@@ -75,6 +79,11 @@ class ModelConfig:
         if self.arch == "rnn" and not self.deep_output:
             return self.hidden_dim
         return self.emb_dim
+
+    @property
+    def embedding_init_std(self) -> float:
+        """Unit-norm rows by default: with tied matrices the first logits are then near 0."""
+        return self.emb_dim**-0.5 if self.emb_init_std is None else self.emb_init_std
 
     @property
     def embedding_scale(self) -> float:

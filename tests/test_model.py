@@ -280,6 +280,22 @@ def test_projection_regularization_only_when_set():
     assert count_unique(model) == count_unique(plain) + 32 * 32
 
 
+@pytest.mark.parametrize("tie", ["none", "all"])
+def test_embedding_initialization_scale_is_a_setting(tie):
+    """Unit-norm rows by default (std emb_dim ** -0.5); emb_init_std sets every matrix's std,
+    padding row zero; a non-positive value is refused."""
+    vocab = 4000  # enough entries for the sample std to be within 2% of the true one
+    for std, expected in ((None, 32**-0.5), (0.01, 0.01)):
+        model = build_model(tiny_config("transformer", tie, vocab=vocab, emb_init_std=std))
+        matrices = list(model.embeddings.matrices.values())
+        assert len(matrices) == (1 if tie == "all" else 3)
+        for matrix in matrices:
+            assert matrix[1:].std().item() == pytest.approx(expected, rel=0.02)
+            assert not matrix[0].any()  # the padding row
+    with pytest.raises(UserError, match="emb_init_std must be > 0"):
+        build_model(tiny_config("transformer", emb_init_std=0.0))
+
+
 def test_exact_parameter_counts_computed_by_hand():
     V, E, H = 50, 32, 24
     gru = lambda i: 3 * H * (i + H + 1)  # input weights + bias, recurrent weights  # noqa: E731

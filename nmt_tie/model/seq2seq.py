@@ -93,7 +93,7 @@ def build_model(config: ModelConfig) -> EncoderDecoder:
         dim=config.emb_dim,
         output_dim=config.output_dim,
         input_scale=config.embedding_scale,
-        init_std=config.emb_dim**-0.5,  # unit-norm rows: the output logits start near 0
+        init_std=config.embedding_init_std,
         projection=config.projection_reg > 0,
     )
     if transformer:
