@@ -340,6 +340,12 @@ def test_rows_padded_with_pad_targets_change_neither_loss_nor_gradient():
         padded.detach(), padded_target, label_smoothing=0.1, ignore_index=PAD_ID, reduction="sum"
     )
     torch.testing.assert_close(padded_loss.detach(), reference)
+    # the gradient as well, scaled as the trainer scales it (1 / tokens)
+    ours, theirs = padded.detach().clone().requires_grad_(), padded.detach().clone().requires_grad_()
+    (label_smoothed_nll(ours, padded_target, 0.1, chunk=100, ignore_index=PAD_ID)[0] * 0.25).backward()
+    smoothed = dict(label_smoothing=0.1, ignore_index=PAD_ID, reduction="sum")
+    (F.cross_entropy(theirs, padded_target, **smoothed) * 0.25).backward()
+    torch.testing.assert_close(ours.grad, theirs.grad)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from /proc")
