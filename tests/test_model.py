@@ -225,6 +225,28 @@ def test_a_decoding_step_takes_the_fused_kernel_and_equals_the_formula(dtype, mo
     torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_drops_its_share_and_keeps_the_expectation(dtype):
+    """The integer-bit dropout: p rounded to 1/256, survivors scaled by 256 / (256 - dropped),
+    the gradient is the same mask and scale, and nothing happens outside training."""
+    from nmt_tie.model.dropout import dropout
+
+    torch.manual_seed(0)
+    x = torch.full((400_000,), 0.75, dtype=dtype, requires_grad=True)
+    for p, dropped in ((0.1, 26), (0.3, 77)):
+        x.grad = None
+        y = dropout(x, p, True)
+        y.backward(torch.ones_like(y))
+        scale = 256 / (256 - dropped)
+        kept = y != 0
+        assert abs(1 - kept.float().mean().item() - dropped / 256) < 0.003
+        expected = torch.tensor(0.75, dtype=dtype) * scale  # rounded as the dtype rounds it
+        assert (y[kept] == expected).all()
+        assert (x.grad == kept.to(dtype) * torch.tensor(scale, dtype=dtype)).all()
+        assert abs(y.float().mean().item() - 0.75) < 0.01
+    assert dropout(x, 0.3, False) is x and dropout(x, 0.0, True) is x
+
+
 def test_source_padding_does_not_change_the_result():
     torch.manual_seed(3)
     for arch in ARCHS:
