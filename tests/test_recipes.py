@@ -164,6 +164,7 @@ def test_converge_mode_stops_early_on_the_final_search_and_keeps_checkpoints_to_
     assert train_cfg.patience == 5 and train_cfg.valid_beam == 5  # validation BLEU = final search
     assert int(overrides["save_every"]) == train_cfg.valid_every
     assert train_cfg.keep_last >= 4 + 5  # the 4 up to best.pt survive 5 validations past it
+    assert 0 < train_cfg.save_every_minutes <= 15  # a kill between validations loses little
 
 
 def test_checkpoints_averaged_are_the_nearest_to_the_best_on_both_sides():
