@@ -336,14 +336,12 @@ def test_rows_padded_with_pad_targets_change_neither_loss_nor_gradient():
     torch.testing.assert_close(padded_nll, nll)
     torch.testing.assert_close(padded.grad[:37], real.grad)
     assert (padded.grad[37:] == 0).all()
-    reference = F.cross_entropy(
-        padded.detach(), padded_target, label_smoothing=0.1, ignore_index=PAD_ID, reduction="sum"
-    )
+    smoothed = dict(label_smoothing=0.1, ignore_index=PAD_ID, reduction="sum")
+    reference = F.cross_entropy(padded.detach(), padded_target, **smoothed)
     torch.testing.assert_close(padded_loss.detach(), reference)
     # the gradient as well, scaled as the trainer scales it (1 / tokens)
     ours, theirs = padded.detach().clone().requires_grad_(), padded.detach().clone().requires_grad_()
     (label_smoothed_nll(ours, padded_target, 0.1, chunk=100, ignore_index=PAD_ID)[0] * 0.25).backward()
-    smoothed = dict(label_smoothing=0.1, ignore_index=PAD_ID, reduction="sum")
     (F.cross_entropy(theirs, padded_target, **smoothed) * 0.25).backward()
     torch.testing.assert_close(ours.grad, theirs.grad)
 
