@@ -247,6 +247,49 @@ def test_cpu_dropout_drops_its_share_and_keeps_the_expectation(dtype):
     assert dropout(x, 0.3, False) is x and dropout(x, 0.0, True) is x
 
 
+def test_rnn_loop_weight_gradients_equal_step_by_step_autograd(monkeypatch):
+    """LoopLinear takes each recurrent weight's gradient in one product over all time steps;
+    it must equal autograd's step-by-step sum (float64), for every parameter, padding included,
+    and under bf16 autocast be no further from the float64 gradient than the plain path."""
+    from nmt_tie.model import rnn
+
+    torch.manual_seed(4)
+    model = build_model(tiny_config("rnn", "all", emb_dropout=0.0)).double()
+    src, tgt = source_batch(), torch.randint(4, 50, (3, 6))
+    loop_linear, wrapped = rnn.LoopLinear, []
+
+    def counted_loop_linear(layer):
+        wrapped.append(layer)
+        return loop_linear(layer)
+
+    def gradients(loop: bool, autocast: bool = False, dtype=torch.float64) -> dict[str, torch.Tensor]:
+        monkeypatch.setattr(rnn, "LoopLinear", counted_loop_linear if loop else (lambda layer: layer))
+        copy = build_model(tiny_config("rnn", "all", emb_dropout=0.0)).to(dtype)
+        copy.load_state_dict(model.state_dict())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = copy(src, tgt)
+        F.cross_entropy(logits.float().flatten(0, 1), tgt.roll(-1, 1).flatten()).backward()
+        monkeypatch.undo()
+        return {name: p.grad.double() for name, p in copy.named_parameters()}
+
+    plain, looped = gradients(loop=False), gradients(loop=True)
+    # the four GRUs' recurrent weights, the attention query, GRU2's input projection
+    assert len(wrapped) == 6
+    loop_suffixes = ("recurrent.weight", "att_query.weight", "gru2.input_proj.weight")
+    loop_weights = [name for name in plain if name.endswith(loop_suffixes)]
+    assert len(loop_weights) == 6
+    for name in plain:
+        torch.testing.assert_close(looped[name], plain[name], rtol=1e-12, atol=1e-15, msg=name)
+
+    def error(grads: dict, name: str) -> float:
+        return float((grads[name] - plain[name]).norm() / plain[name].norm())
+
+    plain_bf16 = gradients(loop=False, autocast=True, dtype=torch.float32)
+    looped_bf16 = gradients(loop=True, autocast=True, dtype=torch.float32)
+    for name in loop_weights:
+        assert error(looped_bf16, name) <= error(plain_bf16, name) * 1.05, name
+
+
 def test_source_padding_does_not_change_the_result():
     torch.manual_seed(3)
     for arch in ARCHS:

@@ -14,12 +14,80 @@ attention is W_comb_att (H x 2H), Wc_att (2H x 2H, bias b_att) and U_att (2H x 1
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from nmt_tie.model.dropout import dropout
 
 EncoderOut = dict[str, torch.Tensor]
+Linear = Callable[[torch.Tensor], torch.Tensor]  # an nn.Linear or a LoopLinear of one
+Steps = list[tuple[torch.Tensor, torch.Tensor]]  # (output gradient, input) of each time step
+
+
+class LoopLinear:
+    """A Linear layer applied at every step of a time loop, its weight gradient taken once.
+
+    Autograd computes such a weight's gradient step by step, a small (out, batch) x (batch, in)
+    product per step, and adds the T results one by one. Here each step's backward keeps its
+    output gradient and input, and one product over all T * batch rows gives the sum: an RNN
+    update 1.12-1.14x faster in bf16 on the CPU (1.02x in fp32), and under bf16 autocast the sum is
+    rounded once instead of T times. Without gradients (decoding), and in code that
+    torch.compile traces, it is the Linear layer itself. One LoopLinear per forward pass: its
+    backward consumes the steps it collects.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        self.linear = linear
+        self.steps: Steps = []  # filled by the backward pass, consumed at its end
+        weight = linear.weight
+        self.weight = self.bias = None
+        if torch.is_grad_enabled() and weight.requires_grad and not torch.compiler.is_compiling():
+            device = weight.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+            self.weight = _GradientOverSteps.apply(weight, dtype, self.steps)
+            if linear.bias is not None:  # cast once, as autocast does
+                self.bias = linear.bias.to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            return self.linear(x)
+        y = _StepProduct.apply(x.to(self.weight.dtype), self.weight, self.steps)
+        return y if self.bias is None else y + self.bias
+
+
+class _GradientOverSteps(torch.autograd.Function):
+    """The weight in the loop's dtype; backward: the sum of the steps' weight gradients."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, dtype: torch.dtype, steps: Steps) -> torch.Tensor:
+        ctx.weight_dtype, ctx.steps = weight.dtype, steps
+        return weight.to(dtype) if dtype != weight.dtype else weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, _unused: torch.Tensor):
+        # runs after every step's backward: they all take this node's output
+        steps = ctx.steps
+        grad = torch.cat([g for g, _ in steps]).t() @ torch.cat([x for _, x in steps])
+        steps.clear()
+        return grad.to(ctx.weight_dtype), None, None
+
+
+class _StepProduct(torch.autograd.Function):
+    """x W^T for one step; backward: the input's gradient now, the weight's left to the end."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, steps: Steps) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.steps = steps
+        return x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        ctx.steps.append((grad, x))
+        return grad @ weight, None, None
 
 
 class NematusGRU(nn.Module):
@@ -34,10 +102,12 @@ class NematusGRU(nn.Module):
         for gate in self.recurrent.weight.data.chunk(3, dim=0):
             nn.init.orthogonal_(gate)
 
-    def cell(self, projected_input: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """One step from the projected input (batch, 3H) and the previous state (batch, H)."""
+    def cell(self, projected_input: torch.Tensor, state: torch.Tensor, recurrent: Linear) -> torch.Tensor:
+        """One step from the projected input (batch, 3H) and the previous state (batch, H).
+
+        `recurrent` is `self.recurrent`, or a LoopLinear of it inside a time loop."""
         r_x, z_x, n_x = projected_input.chunk(3, dim=-1)
-        r_h, z_h, n_h = self.recurrent(state).chunk(3, dim=-1)
+        r_h, z_h, n_h = recurrent(state).chunk(3, dim=-1)
         reset = torch.sigmoid(r_x + r_h)
         update = torch.sigmoid(z_x + z_h)
         candidate = torch.tanh(n_x + reset * n_h)
@@ -64,12 +134,14 @@ class BiGRUEncoder(nn.Module):
         # unbind, not fwd_in[:, t]: the gradient of T slices is then one stack, where slicing
         # adds T zero-padded full-size gradients (a quarter of an RNN update's time)
         fwd_steps, bwd_steps, keep_steps = fwd_in.unbind(1), bwd_in.unbind(1), keep.unbind(1)
+        fwd_recurrent = LoopLinear(self.forward_gru.recurrent)
+        bwd_recurrent = LoopLinear(self.backward_gru.recurrent)
         for t in range(length):
             # Padding leaves a state unchanged, so the backward GRU starts at each
             # sentence's last real token with a zero state.
             b = length - 1 - t
-            fwd = fwd + keep_steps[t] * (self.forward_gru.cell(fwd_steps[t], fwd) - fwd)
-            bwd = bwd + keep_steps[b] * (self.backward_gru.cell(bwd_steps[b], bwd) - bwd)
+            fwd = fwd + keep_steps[t] * (self.forward_gru.cell(fwd_steps[t], fwd, fwd_recurrent) - fwd)
+            bwd = bwd + keep_steps[b] * (self.backward_gru.cell(bwd_steps[b], bwd, bwd_recurrent) - bwd)
             fwd_states.append(fwd)
             bwd_states.append(bwd)
         memory = torch.cat([torch.stack(fwd_states, 1), torch.stack(bwd_states[::-1], 1)], -1)
@@ -101,7 +173,7 @@ class ConditionalGRUDecoder(nn.Module):
         mean = (memory * keep).sum(1) / keep.sum(1).clamp(min=1)
         return {**enc, "keys": self.att_keys(memory), "init": torch.tanh(self.init_state(mean))}
 
-    def attend(self, query_state: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
+    def attend(self, query_state: torch.Tensor, enc: EncoderOut, att_query: Linear) -> torch.Tensor:
         """MLP attention: context (rows, 2H) for the GRU1 states (rows, H).
 
         rows = batch * hypotheses per sentence (beam search, next to each other): the
@@ -109,7 +181,7 @@ class ConditionalGRUDecoder(nn.Module):
         """
         memory = enc["memory"]
         batch = memory.size(0)
-        query = self.att_query(query_state).view(batch, -1, 1, memory.size(-1))
+        query = att_query(query_state).view(batch, -1, 1, memory.size(-1))
         energy = torch.tanh(enc["keys"].unsqueeze(1) + query)  # (batch, hyps, src_len, 2H)
         scores = self.att_score(energy).squeeze(-1).float()
         scores = scores.masked_fill(~enc["mask"].unsqueeze(1), float("-inf"))
@@ -122,10 +194,20 @@ class ConditionalGRUDecoder(nn.Module):
             state = torch.tanh(hidden)
         return dropout(state, self.dropout, self.training)
 
-    def _advance(self, gru1_input, state, enc):
-        h1 = self.gru1.cell(gru1_input, state)
-        context = self.attend(h1, enc)
-        h2 = self.gru2.cell(self.gru2.input_proj(context), h1)
+    def _loop_linears(self, loop: bool) -> dict[str, Linear]:
+        """The layers every step applies: LoopLinears for a training loop over the target."""
+        layers = {
+            "gru1": self.gru1.recurrent,
+            "att_query": self.att_query,
+            "gru2_input": self.gru2.input_proj,
+            "gru2": self.gru2.recurrent,
+        }
+        return {name: LoopLinear(layer) for name, layer in layers.items()} if loop else layers
+
+    def _advance(self, gru1_input, state, enc, layers: dict[str, Linear]):
+        h1 = self.gru1.cell(gru1_input, state, layers["gru1"])
+        context = self.attend(h1, enc, layers["att_query"])
+        h2 = self.gru2.cell(layers["gru2_input"](context), h1, layers["gru2"])
         return h2, context
 
     def forward(self, emb: torch.Tensor, enc: EncoderOut) -> torch.Tensor:
@@ -134,8 +216,9 @@ class ConditionalGRUDecoder(nn.Module):
         gru1_inputs = self.gru1.input_proj(emb)  # all steps in one matrix product
         state = enc["init"]
         states, contexts = [], []
+        layers = self._loop_linears(loop=True)
         for gru1_input in gru1_inputs.unbind(1):  # one stack as gradient (see the encoder)
-            state, context = self._advance(gru1_input, state, enc)
+            state, context = self._advance(gru1_input, state, enc, layers)
             states.append(state)
             contexts.append(context)
         return self.output(torch.stack(states, 1), emb, torch.stack(contexts, 1))
@@ -146,5 +229,5 @@ class ConditionalGRUDecoder(nn.Module):
             state = enc["init"].repeat_interleave(emb.size(0) // enc["init"].size(0), dim=0)
         else:
             state = cache["state"]
-        state, context = self._advance(self.gru1.input_proj(emb), state, enc)
+        state, context = self._advance(self.gru1.input_proj(emb), state, enc, self._loop_linears(loop=False))
         return self.output(state, emb, context), {"state": state}
