@@ -45,7 +45,8 @@ class LoopLinear:
         self.weight = self.bias = None
         if torch.is_grad_enabled() and weight.requires_grad and not torch.compiler.is_compiling():
             device = weight.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+            autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+            dtype = torch.get_autocast_dtype(device) if autocast else weight.dtype
             self.weight = _GradientOverSteps.apply(weight, dtype, self.steps)
             if linear.bias is not None:  # cast once, as autocast does
                 self.bias = linear.bias.to(dtype)
