@@ -93,7 +93,7 @@ def measure(
     from nmt_tie.training.trainer import Trainer, compiled_graph_count
     from nmt_tie.training.translation import TranslationTask
 
-    if vocab:
+    if vocab:  # larger matrices than the data needs: its ids all fit (see the docstring)
         with_data_vocab = translation.configure_for_data
 
         def with_larger_vocab(config, prepared):
