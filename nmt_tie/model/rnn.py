@@ -195,15 +195,14 @@ class ConditionalGRUDecoder(nn.Module):
             state = torch.tanh(hidden)
         return dropout(state, self.dropout, self.training)
 
-    def _loop_linears(self, loop: bool) -> dict[str, Linear]:
-        """The layers every step applies: LoopLinears for a training loop over the target."""
-        layers = {
+    def _step_layers(self) -> dict[str, Linear]:
+        """The layers every step applies (the teacher-forced loop wraps them in LoopLinears)."""
+        return {
             "gru1": self.gru1.recurrent,
             "att_query": self.att_query,
             "gru2_input": self.gru2.input_proj,
             "gru2": self.gru2.recurrent,
         }
-        return {name: LoopLinear(layer) for name, layer in layers.items()} if loop else layers
 
     def _advance(self, gru1_input, state, enc, layers: dict[str, Linear]):
         h1 = self.gru1.cell(gru1_input, state, layers["gru1"])
@@ -217,7 +216,7 @@ class ConditionalGRUDecoder(nn.Module):
         gru1_inputs = self.gru1.input_proj(emb)  # all steps in one matrix product
         state = enc["init"]
         states, contexts = [], []
-        layers = self._loop_linears(loop=True)
+        layers = {name: LoopLinear(layer) for name, layer in self._step_layers().items()}
         for gru1_input in gru1_inputs.unbind(1):  # one stack as gradient (see the encoder)
             state, context = self._advance(gru1_input, state, enc, layers)
             states.append(state)
@@ -230,5 +229,5 @@ class ConditionalGRUDecoder(nn.Module):
             state = enc["init"].repeat_interleave(emb.size(0) // enc["init"].size(0), dim=0)
         else:
             state = cache["state"]
-        state, context = self._advance(self.gru1.input_proj(emb), state, enc, self._loop_linears(loop=False))
+        state, context = self._advance(self.gru1.input_proj(emb), state, enc, self._step_layers())
         return self.output(state, emb, context), {"state": state}

@@ -211,8 +211,15 @@ def main() -> None:
         for model in args.models.split(","):
             for dtype in args.dtypes.split(","):
                 for compile_on in compile_settings:
-                    settings = [model, dtype, compile_on, str(args.updates), str(data), args.device]
-                    settings.append(str(args.vocab))
+                    settings = [
+                        model,
+                        dtype,
+                        compile_on,
+                        str(args.updates),
+                        str(data),
+                        args.device,
+                        str(args.vocab),
+                    ]
                     command = [sys.executable, __file__, "--child", *settings]
                     output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
                     results.append(json.loads(output.strip().splitlines()[-1]))
