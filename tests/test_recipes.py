@@ -167,6 +167,18 @@ def test_converge_mode_stops_early_on_the_final_search_and_keeps_checkpoints_to_
     assert 0 < train_cfg.save_every_minutes <= 15  # a kill between validations loses little
 
 
+def test_seeds_are_a_count_or_a_range():
+    import argparse
+
+    seed_range = load_multi30k_recipe().seed_range
+    assert seed_range("3") == [1, 2, 3]
+    assert seed_range("2-3") == [2, 3]
+    assert seed_range("3-3") == [3]  # one seed alone, the others run elsewhere
+    for bad in ("0", "3-2", "0-2", "x", "2-", "-2"):
+        with pytest.raises(argparse.ArgumentTypeError, match="A-B"):
+            seed_range(bad)
+
+
 def test_checkpoints_averaged_are_the_nearest_to_the_best_on_both_sides():
     multi30k_run = load_multi30k_recipe()
     around = multi30k_run.checkpoints_around

@@ -10,6 +10,7 @@ recipe resumes unfinished training runs and skips finished ones.
     python recipes/multi30k/run.py --pair en-de --arch transformer --seeds 3 --max-updates 1000
     python recipes/multi30k/run.py --pair en-fr --arch rnn --max-time 10
     python recipes/multi30k/run.py --converge --seeds 3          # early stopping, averaging
+    python recipes/multi30k/run.py --converge --seeds 3-3        # the third seed alone
 
 Data: Multi30k task 1 from NMT_TIE_DATA or ../shared/data (`nmt-tie data fetch
 multi30k_en_de --dest DIR` downloads it; then set NMT_TIE_DATA=DIR).
@@ -58,6 +59,18 @@ def converge_overrides(args) -> list[str]:
     ]
 
 
+def seed_range(text: str) -> list[int]:
+    """`--seeds`: "N" is seeds 1 to N, "A-B" seeds A to B."""
+    first, dash, last = text.partition("-")
+    try:
+        seeds = list(range(int(first), int(last) + 1)) if dash else list(range(1, int(first) + 1))
+    except ValueError:
+        seeds = []
+    if not seeds or seeds[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give N (seeds 1 to N) or A-B with 1 <= A <= B")
+    return seeds
+
+
 def run(*args: str) -> None:
     command = [sys.executable, "-m", "nmt_tie", *args]
     print("$ nmt-tie " + " ".join(shlex.quote(a) for a in args), flush=True)
@@ -75,7 +88,13 @@ def main() -> None:
     parser.add_argument("--pair", default="en-de", choices=["en-de", "en-fr"])
     parser.add_argument("--arch", default="transformer", choices=["transformer", "rnn"])
     parser.add_argument("--ties", default="none,decoder,all", help="tying modes to train")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per tying mode (1, 2, ...)")
+    parser.add_argument(
+        "--seeds",
+        type=seed_range,
+        default=[1],
+        help="seeds per tying mode: N for seeds 1 to N, or A-B for seeds A to B (e.g. 3-3 to run "
+        "the third seed alone, on another machine or after the first two)",
+    )
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--max-updates", type=int, help="updates per run (config default: 1000)")
     budget.add_argument("--max-time", type=float, help="minutes of training per run")
@@ -106,7 +125,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="extra config overrides")
     args = parser.parse_args()
     if args.demo:
-        args.pair, args.arch, args.seeds = "en-de", "transformer", 1
+        args.pair, args.arch, args.seeds = "en-de", "transformer", [1]
         if not args.max_time:
             args.max_updates = args.max_updates or DEMO_UPDATES  # the same budget for all three
         args.overrides = [*demo_overrides(args.max_updates), *args.overrides]
@@ -148,7 +167,7 @@ def main() -> None:
     elif args.max_time:
         budget = [f"max_time={args.max_time}", "max_updates=0"]
     run_dirs = []
-    for seed in range(1, args.seeds + 1):
+    for seed in args.seeds:
         for tie in args.ties.split(","):
             run_dir = args.runs / args.pair / f"{args.arch}-{tie}-seed{seed}"
             run_dirs.append(run_dir)
