@@ -107,7 +107,7 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _mean_spread(values: list[float]) -> str:
+def mean_spread(values: list[float]) -> str:
     if not values:
         return "-"
     if len(values) == 1:
@@ -162,11 +162,11 @@ def comparison_table(runs: list[RunSummary]) -> str:
                 str(len(members)),
                 f"{members[0].params:,}",
                 f"{members[0].reduction:.1%}",
-                _mean_spread([m.best_valid_bleu for m in members if m.best_valid_bleu is not None]),
+                mean_spread([m.best_valid_bleu for m in members if m.best_valid_bleu is not None]),
             ]
             for name in test_names:
                 scored = [m.tests[name] for m in members if name in m.tests]
-                row += [_mean_spread([s["bleu"] for s in scored]), _mean_spread([s["chrf"] for s in scored])]
+                row += [mean_spread([s["bleu"] for s in scored]), mean_spread([s["chrf"] for s in scored])]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

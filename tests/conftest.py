@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -78,5 +79,6 @@ def load_script(path: Path) -> ModuleType:
     """A recipe or benchmark script (not part of the package) as a module."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module

@@ -152,6 +152,48 @@ def test_the_demo_warms_up_well_before_its_last_update():
     assert recipe.warmup >= multi30k_run.DEMO_UPDATES  # why the demo needs its own
 
 
+CONVERGED_TABLES = RECIPES / "multi30k" / "tables.py"
+
+
+def test_converged_tables_are_the_committed_runs_and_the_readme_shows_them():
+    tables = load_script(CONVERGED_TABLES)
+    assert tables.main(["--check"]) == 0, "results/converged/*.md differ from what runs/ gives"
+    readme = (RECIPES.parent / "README.md").read_text()
+    rows = [line for line in (tables.CONVERGED / "table.md").read_text().splitlines() if line.startswith("|")]
+    assert rows and [row for row in rows if row not in readme] == []
+
+
+def test_converged_tables_follow_a_changed_score_and_a_new_seed(tmp_path):
+    import shutil
+
+    tables = load_script(CONVERGED_TABLES)
+    runs = tmp_path / "runs" / "en-de"
+    for name in ("transformer-all-seed1", "transformer-all-seed2", "transformer-none-seed1"):
+        shutil.copytree(tables.CONVERGED / "runs" / "en-de" / name, runs / name)
+    assert tables.main(["--results", str(tmp_path)]) == 0
+    assert tables.main(["--results", str(tmp_path), "--check"]) == 0
+
+    score_file = runs / "transformer-none-seed1" / "test_2016_flickr.score.json"
+    scores = json.loads(score_file.read_text())
+    scores["bleu"]["score"] = 45.0
+    scores["bleu"]["text"] = scores["bleu"]["text"].replace("ratio = 1.021", "ratio = 0.950")
+    score_file.write_text(json.dumps(scores))
+    shutil.copytree(runs / "transformer-all-seed2", runs / "transformer-all-seed3")
+    config = runs / "transformer-all-seed3" / "config.yaml"
+    config.write_text(config.read_text().replace("seed: 2", "seed: 3"))
+    assert tables.main(["--results", str(tmp_path), "--check"]) == 1
+    assert tables.main(["--results", str(tmp_path)]) == 0
+
+    table = (tmp_path / "table.md").read_text()
+    untied = next(line for line in table.splitlines() if line.startswith("| untied"))
+    tied = next(line for line in table.splitlines() if line.startswith("| three-way"))
+    assert "| **45.00** |" in untied and "| 0.950-1.001 |" in untied
+    assert ", seed 1 |" in untied.split("|")[1] + "|"  # fewer seeds than the tied runs: said so
+    assert "| 38.59 ± 0.06 |" in tied  # (38.52 + 38.63 + 38.63) / 3, sd 0.0635
+    assert "(3 seeds, mean ± sd)" in table.splitlines()[0]
+    assert "en-de/transformer-all-seed3" in (tmp_path / "runs.md").read_text()
+
+
 def test_converge_mode_stops_early_on_the_final_search_and_keeps_checkpoints_to_average():
     import argparse
 
