@@ -103,7 +103,7 @@ def _pair_of(data_dir: str) -> str:
     return "?"
 
 
-def _fmt(value, spec: str) -> str:
+def format_or_dash(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
@@ -135,12 +135,12 @@ def comparison_table(runs: list[RunSummary]) -> str:
             str(run.seed),
             f"{run.params:,}",
             f"{run.reduction:.1%}",
-            _fmt(run.checkpoint_bytes and run.checkpoint_bytes / 1e6, ".1f"),
-            _fmt(run.best_valid_bleu, ".2f"),
+            format_or_dash(run.checkpoint_bytes and run.checkpoint_bytes / 1e6, ".1f"),
+            format_or_dash(run.best_valid_bleu, ".2f"),
         ]
         for name in test_names:
             scores = run.tests.get(name, {})
-            row += [_fmt(scores.get("bleu"), ".2f"), _fmt(scores.get("chrf"), ".2f")]
+            row += [format_or_dash(scores.get("bleu"), ".2f"), format_or_dash(scores.get("chrf"), ".2f")]
         if shipping:
             row += _shipped_cells(run)
         row += [str(run.updates), f"{run.minutes:.1f}"]

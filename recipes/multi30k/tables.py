@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from nmt_tie.compare import RunSummary, mean_spread, summarize_run
+from nmt_tie.compare import RunSummary, format_or_dash, mean_spread, summarize_run
 
 RECIPE = Path(__file__).resolve().parent
 CONVERGED = RECIPE / "results" / "converged"
@@ -43,7 +44,7 @@ TIE_LABELS = {
 }
 PAIR_NAMES = {"en-de": "En-De", "en-fr": "En-Fr"}
 TITLES = {"transformer": "{pair} Transformer", "rnn": "Paper's RNN {pair}"}
-RUN_NAME = re.compile(r"(?P<arch>[a-z]+)-(?P<tie>[a-z-]+)-seed(?P<seed>\d+)$")
+RUN_NAME = re.compile(r"[a-z]+-[a-z-]+-seed\d+$")  # <arch>-<tie>-seed<N>
 
 
 @dataclass
@@ -141,18 +142,18 @@ def summary_table(pair: str, arch: str, runs: list[ConvergedRun]) -> str:
         "stopped at (best)" + (", seeds " + " / ".join(str(r.summary.seed) for r in most) if several else ""),
     ]
     columns = [(TEST_SET, "bleu"), (AVERAGED, "bleu"), (TEST_SET, "chrf")]
-    means = {tie: [_values(members, test, metric) for test, metric in columns] for tie, members in groups}
-    best = [max(sum(v[i]) / len(v[i]) for v in means.values() if v[i]) for i in range(len(columns))]
+    scores = {tie: [_values(members, test, metric) for test, metric in columns] for tie, members in groups}
+    means = {tie: [statistics.mean(v) if v else None for v in lists] for tie, lists in scores.items()}
+    best = [max(m[i] for m in means.values() if m[i] is not None) for i in range(len(columns))]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     for tie, members in groups:
         label = TIE_LABELS.get(tie, tie)
         if [r.summary.seed for r in members] != [r.summary.seed for r in most]:
             label += f", {_seeds(members)}"
         cells = [label, _parameters(members[0])]
-        for i, values in enumerate(means[tie]):
+        for values, mean, top in zip(scores[tie], means[tie], best, strict=True):
             text = mean_spread(values)
-            top = len(groups) > 1 and values and sum(values) / len(values) == best[i]
-            cells.append(f"**{text}**" if top else text)
+            cells.append(f"**{text}**" if len(groups) > 1 and mean == top else text)
         cells += [_ratio_range(members), " / ".join(r.stopped() for r in members)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + _footnote(arch, runs, most)
@@ -194,20 +195,16 @@ def runs_table(runs: list[ConvergedRun]) -> str:
         cells = [
             f"{run.pair}/{run.summary.name}",
             _parameters(run),
-            _number(run.summary.best_valid_bleu),
-            _number(run.score(TEST_SET)),
-            _number(run.score(AVERAGED)),
-            _number(run.score(INT8)),
-            f"{_number(run.score(TEST_SET, 'chrf'))} / {_number(run.score(AVERAGED, 'chrf'))}",
+            format_or_dash(run.summary.best_valid_bleu, ".2f"),
+            format_or_dash(run.score(TEST_SET), ".2f"),
+            format_or_dash(run.score(AVERAGED), ".2f"),
+            format_or_dash(run.score(INT8), ".2f"),
+            " / ".join(format_or_dash(run.score(test, "chrf"), ".2f") for test in (TEST_SET, AVERAGED)),
             " / ".join(f"{run.ratios[t]:.3f}" if t in run.ratios else "-" for t in (TEST_SET, AVERAGED)),
             run.stopped(),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def render(runs_root: Path) -> dict[str, str]:
