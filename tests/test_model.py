@@ -150,6 +150,32 @@ def test_key_value_cache_equals_concatenation_through_reorders_and_growth():
         keys, values = keys.index_select(0, index), values.index_select(0, index)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decoding_step_attends_to_every_cached_position_in_fp32(dtype):
+    """The decoder's self-attention in a step (`KeyValueCache.attend`): one query over the
+    positions appended so far, past the buffer's growth and through reorders, equals the
+    formula; on the CPU the cache and the products are fp32 under bf16 autocast too (bf16
+    products would make oneDNN keep a kernel for every (rows, length) pair), and the result
+    comes back in the model's dtype."""
+    from nmt_tie.model.transformer import KeyValueCache
+
+    torch.manual_seed(7)
+    cache, keys, values = KeyValueCache(), None, None
+    for _step in range(12):  # past the first capacity (8)
+        k, v, q = (torch.randn(5, 2, 1, 8).to(dtype) for _ in range(3))
+        cache.append(k, v)
+        keys = k.float() if keys is None else torch.cat([keys, k.float()], 2)
+        values = v.float() if values is None else torch.cat([values, v.float()], 2)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            got = cache.attend(q)
+        assert got.dtype == dtype and cache.keys.dtype == torch.float32
+        expected = torch.softmax(q.float() @ keys.transpose(-1, -2) / 8**0.5, -1) @ values
+        torch.testing.assert_close(got, expected.to(dtype), atol=1e-6, rtol=0)
+        index = torch.tensor([4, 0, 0, 2, 1])
+        cache.reorder(index)
+        keys, values = keys.index_select(0, index), values.index_select(0, index)
+
+
 @pytest.mark.parametrize(
     "dtype,cpu_attention", [(torch.float32, "bf16"), (torch.bfloat16, "bf16"), (torch.bfloat16, "fp32")]
 )
@@ -200,9 +226,9 @@ def test_cpu_attention_takes_bf16_or_fp32_only(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_decoding_step_takes_the_fused_kernel_and_equals_the_formula(dtype, monkeypatch):
-    """One query position (incremental decoding, cross-attention in a step): PyTorch's fused
-    kernel in fp32 and bf16 alike (the explicit bf16 products would make oneDNN keep kernels
-    for every cache length), with padded keys masked."""
+    """One query position (greedy decoding's cross-attention): PyTorch's fused kernel in fp32
+    and bf16 alike (the explicit bf16 products would make oneDNN keep kernels for every
+    (rows, source length) pair), with padded keys masked."""
     import torch.nn.functional as F
 
     from nmt_tie.model import transformer
