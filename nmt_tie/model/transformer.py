@@ -118,13 +118,16 @@ class KeyValueCache:
         self.length = 0
         self._spare: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add one position (k, v: rows, heads, 1, head_dim); all positions so far."""
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Add one position (k, v: rows, heads, 1, head_dim)."""
         if self.keys is None or self.length == self.keys.size(2):
             self._grow(k)
         self.keys[:, :, self.length] = k[:, :, 0]
         self.values[:, :, self.length] = v[:, :, 0]
         self.length += 1
+
+    def filled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of all positions so far (views into the buffer)."""
         return self.keys[:, :, : self.length], self.values[:, :, : self.length]
 
     def _grow(self, like: torch.Tensor) -> None:
@@ -148,7 +151,7 @@ class KeyValueCache:
         every (rows, length) pair a translation meets (100,000 lines from a pipe peaked at
         845-1,067 MB instead of 650), while fp32 products keep nothing.
         """
-        keys, values = self.keys[:, :, : self.length], self.values[:, :, : self.length]
+        keys, values = self.filled()
         if q.device.type != "cpu":
             return attention(q, keys, values)
         with torch.autocast("cpu", enabled=False):
