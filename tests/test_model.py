@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -109,6 +110,27 @@ def test_incremental_decoding_equals_the_full_forward_pass(arch, norm):
             logits, cache = model.decode_step(enc, tgt[:, t], cache)
             steps.append(logits)
     torch.testing.assert_close(torch.stack(steps, 1), full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_decoding_step_writes_its_logits_into_the_buffer_it_is_given(arch, autocast):
+    """Search keeps one fp32 buffer for every step's scores: a step given `out` writes there
+    (also under bf16 autocast, where the product is bf16) what it would return fresh."""
+    torch.manual_seed(3)
+    model = build_model(tiny_config(arch, "all", projection_reg=0.1)).eval()
+    src = source_batch()
+    buffer = torch.full((8, model.embeddings.weight("output").size(0)), math.nan)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        enc = model.encode(src)
+        fresh_cache = buffered_cache = None
+        for _ in range(3):
+            prev = torch.randint(4, 50, (src.size(0),))
+            fresh, fresh_cache = model.decode_step(enc, prev, fresh_cache)
+            out = buffer[: src.size(0)]
+            written, buffered_cache = model.decode_step(enc, prev, buffered_cache, out=out)
+            assert written.data_ptr() == buffer.data_ptr() and written.dtype == torch.float32
+            torch.testing.assert_close(written, fresh.float(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

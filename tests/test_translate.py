@@ -18,7 +18,7 @@ from test_model import tiny_config
 
 from nmt_tie.checkpoint import average_checkpoints, load_checkpoint, load_model, save_atomic
 from nmt_tie.data.prepare import PreparedData
-from nmt_tie.data.tokenizer import BOS_ID, EOS_ID
+from nmt_tie.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from nmt_tie.evaluate import score
 from nmt_tie.model.seq2seq import EncoderDecoder, build_model, configure_for_data
 from nmt_tie.search import Ensemble, beam_search, greedy_search, max_lengths
@@ -68,9 +68,9 @@ def test_search_keeps_row_counts_on_the_ladder_and_results_unchanged(beam):
     rows_seen = set()
     step = model.decode_step
 
-    def recording_step(enc, prev, cache):
+    def recording_step(enc, prev, cache, out=None):
         rows_seen.add(prev.size(0))
-        return step(enc, prev, cache)
+        return step(enc, prev, cache, out)
 
     model.decode_step = recording_step
     translator = Translator(
@@ -83,6 +83,35 @@ def test_search_keeps_row_counts_on_the_ladder_and_results_unchanged(beam):
         alone = translator.translate_ids([source])[0]
         assert [h.tokens for h in hyps] == [h.tokens for h in alone]
         assert [h.score for h in hyps] == pytest.approx([h.score for h in alone], abs=1e-4)
+
+
+def test_ensemble_steps_reuse_one_score_buffer_as_rows_leave():
+    """Every step's log-probabilities land in the buffer the first step made (fresh memory
+    each step costs page faults), also after sentences leave; they equal a fresh step's."""
+    torch.manual_seed(8)
+    model = build_model(tiny_config("transformer")).eval()
+    ensemble, src = Ensemble([model]), torch.randint(4, 50, (4, 6))
+    with torch.no_grad():
+        encs, enc = ensemble.encode(src), model.encode(src)
+        caches = cache = None
+        prev, pointers = torch.full((4,), BOS_ID), set()
+        for rows in (4, 4, 2, 2, 1):
+            if rows < prev.size(0):
+                keep = torch.arange(rows)
+                encs, caches = Ensemble.reorder(encs, keep), Ensemble.reorder(caches, keep)
+                enc, cache, prev = (
+                    EncoderDecoder.reorder(enc, keep),
+                    EncoderDecoder.reorder(cache, keep),
+                    prev[:rows],
+                )
+            log_probs, caches = ensemble.step(encs, prev, caches)
+            logits, cache = model.decode_step(enc, prev, cache)
+            expected = torch.log_softmax(logits, -1)
+            expected[:, [PAD_ID, BOS_ID]] = -math.inf
+            torch.testing.assert_close(log_probs, expected, rtol=0, atol=1e-6)
+            pointers.add(log_probs.data_ptr())
+            prev = torch.randint(4, 50, (rows,))
+    assert len(pointers) == 1
 
 
 class TableModel(torch.nn.Module):
@@ -99,8 +128,8 @@ class TableModel(torch.nn.Module):
     def encode(self, src):
         return {"mask": src != 0}
 
-    def decode_step(self, enc, prev, cache):
-        return self.log_table[prev], {"steps": torch.zeros(prev.size(0))}
+    def decode_step(self, enc, prev, cache, out=None):
+        return torch.index_select(self.log_table, 0, prev, out=out), {"steps": torch.zeros(prev.size(0))}
 
     reorder = staticmethod(EncoderDecoder.reorder)
 

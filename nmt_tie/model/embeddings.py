@@ -119,13 +119,24 @@ class TiedEmbeddings(nn.Module):
         vectors = F.embedding(ids, self.weight(role), padding_idx=self.padding_id)
         return vectors * self.input_scale if self.input_scale != 1.0 else vectors
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Unnormalized scores over the target vocabulary: (h P + p) W_out^T + b."""
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Unnormalized scores over the target vocabulary: (h P + p) W_out^T + b.
+
+        `out` (rows, vocabulary), when given, receives them: search writes every step's
+        scores into one buffer instead of a fresh tensor of several MB (see `Ensemble.step`)."""
         if self.projection is not None:
             hidden = hidden @ self.projection
         if self.projection_bias is not None:
             hidden = hidden + self.projection_bias
-        return F.linear(hidden, self.weight("output"), self.output_bias)
+        weight = self.weight("output")
+        if out is None:
+            return F.linear(hidden, weight, self.output_bias)
+        device = hidden.device.type
+        if hidden.dtype != out.dtype or (
+            torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        ):  # the product in another precision (autocast does not take out=), cast into out
+            return out.copy_(F.linear(hidden, weight, self.output_bias))
+        return torch.addmm(self.output_bias, hidden, weight.t(), out=out)
 
     def projection_penalty(self) -> torch.Tensor | None:
         """||P||_F^2, or None without projection regularization."""

@@ -57,13 +57,16 @@ class EncoderDecoder(nn.Module):
                 hidden = hidden.flatten(0, 1).index_select(0, positions)
         return self.embeddings.logits(hidden)
 
-    def decode_step(self, enc: dict, prev_tokens: torch.Tensor, cache: dict | None):
+    def decode_step(
+        self, enc: dict, prev_tokens: torch.Tensor, cache: dict | None, out: torch.Tensor | None = None
+    ):
         """Logits (rows, vocab) for the next token after `prev_tokens` (rows,), and the cache.
 
         rows may be a multiple of the encoder's batch: that many hypotheses per sentence, next
-        to each other (beam search), all attending to their sentence's encoder output."""
+        to each other (beam search), all attending to their sentence's encoder output. The
+        logits are written into `out` (rows, vocab) when given."""
         hidden, cache = self.decoder.step(self.embeddings.embed("decoder_input", prev_tokens), enc, cache)
-        return self.embeddings.logits(hidden), cache
+        return self.embeddings.logits(hidden, out), cache
 
     @staticmethod
     def reorder(tree: Any, index: torch.Tensor) -> Any:

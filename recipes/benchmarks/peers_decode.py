@@ -1,13 +1,15 @@
 """Benchmark: beam search of fairseq 0.12 on an nmt-tie Transformer, against nmt-tie's own.
 
 Decoding speed depends on the model's shape and on how long its outputs are, so the fair
-comparison is the same model in both toolkits. This script converts a pre-norm, three-way
-tied nmt-tie Transformer checkpoint into a fairseq `transformer` checkpoint (in fairseq's own
-virtualenv, see ../../../shared/peers.md), binarizes Multi30k test2016 with the same
-vocabulary, runs `fairseq-generate --beam 5` twice (the better time counts, as fairseq
-reports it: output tokens including EOS per second) and prints the rows of both toolkits
-with BLEU and the hypothesis/reference length ratio (nmt-tie's from `translate_speed.py`'s
-`measure`, fp32, best of two passes, the same batch size in source tokens).
+comparison is the same model in both toolkits. This script converts a pre-norm nmt-tie
+Transformer checkpoint, three-way tied (fairseq's `--share-all-embeddings`) or decoder-tied on
+a joint vocabulary (`--share-decoder-input-output-embed`), into a fairseq `transformer`
+checkpoint (in fairseq's own virtualenv, see ../../../shared/peers.md), binarizes Multi30k
+test2016 with the same vocabulary, runs `fairseq-generate --beam 5` twice (the better time
+counts, as fairseq reports it: output tokens including EOS per second) and prints the rows of
+both toolkits with BLEU and the hypothesis/reference length ratio (nmt-tie's from
+`translate_speed.py`'s `measure`, fp32, best of two passes, the same batch size in source
+tokens).
 
 The conversion is exact but for one thing fairseq has no place for: the output layer's bias.
 It becomes the part of it that a shift of the decoder's final LayerNorm can express (its
@@ -48,6 +50,8 @@ from translate_speed import measure  # noqa: E402
 FAIRSEQ_ROW_OF_OURS = {BOS_ID: 0, PAD_ID: 1, EOS_ID: 2, UNK_ID: 3}
 MAX_POSITIONS = 1024
 FAIRSEQ_PADDING = 1
+# fairseq's flag for each nmt-tie tie mode it can express (both with --joined-dictionary)
+TIE_FLAGS = {"all": "--share-all-embeddings", "decoder": "--share-decoder-input-output-embed"}
 BUILD = """
 import sys, torch
 from fairseq import options, tasks
@@ -66,24 +70,27 @@ torch.save({"cfg": cfg, "model": model.state_dict(), "optimizer_history": histor
 def fairseq_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
     config, ours = payload["model_config"], payload["model"]
-    if config["arch"] != "transformer" or config["tie"] != "all" or config["norm"] != "pre":
-        raise SystemExit("peers_decode.py converts pre-norm three-way tied Transformers only")
+    if config["arch"] != "transformer" or config["tie"] not in TIE_FLAGS or config["norm"] != "pre":
+        raise SystemExit("peers_decode.py converts pre-norm three-way or decoder-tied Transformers only")
+    if not config["shared_vocab"]:
+        raise SystemExit("peers_decode.py needs a joint vocabulary (fairseq's --joined-dictionary)")
     dim = config["emb_dim"]
     order = list(range(config["tgt_vocab_size"]))
     for our_id, row in FAIRSEQ_ROW_OF_OURS.items():
         order[row] = our_id
-    embedding = ours["embeddings.matrices.shared"][order]
+    prefix = "embeddings.matrices."  # "shared", or "source" and "target" (decoder-tied)
+    matrices = {key[len(prefix) :]: value for key, value in ours.items() if key.startswith(prefix)}
+    target = matrices.get("shared", matrices.get("target"))  # decoder input and output
+    embedding, source_embedding = target[order], matrices.get("shared", matrices.get("source"))[order]
     bias = ours["embeddings.output_bias"][order]
     scale = math.sqrt(dim) if config["scale_embeddings"] else 1.0
 
     positions = torch.zeros(MAX_POSITIONS + FAIRSEQ_PADDING + 1, dim)
     positions[FAIRSEQ_PADDING + 1 :] = sinusoidal_positions(MAX_POSITIONS, dim)
     decoder_positions = positions.clone()  # the first decoder input is </s>, nmt-tie's is BOS
-    decoder_positions[FAIRSEQ_PADDING + 1] += scale * (
-        ours["embeddings.matrices.shared"][BOS_ID] - ours["embeddings.matrices.shared"][EOS_ID]
-    )
+    decoder_positions[FAIRSEQ_PADDING + 1] += scale * (target[BOS_ID] - target[EOS_ID])
     sd = {
-        "encoder.embed_tokens.weight": embedding,
+        "encoder.embed_tokens.weight": source_embedding,
         "decoder.embed_tokens.weight": embedding,
         "decoder.output_projection.weight": embedding,
         "encoder.embed_positions.weight": positions,
@@ -157,7 +164,9 @@ def main() -> None:
         check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )  # fmt: skip
     torch.save(fairseq_state_dict(args.checkpoint), work / "weights.pt")
-    model_args = [*FAIRSEQ_MODEL, "--encoder-learned-pos", "--decoder-learned-pos"]
+    tie = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["model_config"]["tie"]
+    model_args = [TIE_FLAGS[tie] if arg == TIE_FLAGS["all"] else arg for arg in FAIRSEQ_MODEL]
+    model_args += ["--encoder-learned-pos", "--decoder-learned-pos"]
     build = [str(fairseq_bin / "python"), "-c", BUILD, str(bin_dir), str(work / "weights.pt")]
     subprocess.run([*build, str(work / "fairseq.pt"), *model_args], check=True, env=env)
 
