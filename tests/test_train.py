@@ -350,9 +350,9 @@ def test_rows_padded_with_pad_targets_change_neither_loss_nor_gradient():
 def test_free_heap_pages_go_back_to_the_system():
     """Training and decoding on a CPU trim glibc's heap: memory freed between live blocks
     (what batches of many shapes leave behind) stops counting as resident."""
-    from nmt_tie.devices import _malloc_trim, release_free_memory
+    from nmt_tie.devices import _glibc, release_free_memory
 
-    if _malloc_trim() is None:
+    if _glibc() is None:
         pytest.skip("not glibc")
 
     def resident_mb() -> float:
@@ -367,6 +367,28 @@ def test_free_heap_pages_go_back_to_the_system():
     release_free_memory(torch.device("cpu"))
     assert before - resident_mb() > 50
     assert len(kept) == 100
+
+
+def test_training_reuses_the_pages_of_large_tensors():
+    """glibc maps blocks above 32 MB fresh from the kernel and unmaps them when freed: every
+    update's logits and their gradient would be page-faulted in anew. The trainer has them
+    served from the heap instead, where freed pages are reused (once the heap has room for
+    PyTorch's aligned blocks: after a few updates)."""
+    import resource
+
+    from nmt_tie.devices import _glibc, keep_large_tensors_in_heap
+
+    if _glibc() is None:
+        pytest.skip("not glibc")
+    keep_large_tensors_in_heap(torch.device("cpu"))
+    elements = 64 * 2**20 // 4  # 64 MB: 16,384 pages of 4 KB
+    faults = []
+    for _update in range(10):  # two large tensors live at once, as logits and their gradient
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        logits, grad = torch.empty(elements).fill_(1.0), torch.empty(elements).fill_(2.0)
+        del logits, grad
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    assert sum(faults[-3:]) < 3_000, faults  # fresh pages every time would be 98,304
 
 
 def test_adam_is_fused_on_the_cpu_and_steps_like_the_reference():

@@ -43,6 +43,7 @@ from nmt_tie.devices import (
     autocast_context,
     describe_precision,
     effective_dtype,
+    keep_large_tensors_in_heap,
     release_free_memory,
     resolve_device,
     set_tf32,
@@ -124,6 +125,7 @@ class Trainer:
         self.dist, self.device = distributed.init_distributed(resolve_device(train_cfg.device))
         if train_cfg.threads > 0:
             torch.set_num_threads(train_cfg.threads)
+        keep_large_tensors_in_heap(self.device)
         if train_cfg.valid_metric not in HIGHER_IS_BETTER:
             raise UserError(f"valid_metric: {train_cfg.valid_metric!r} is not one of bleu, chrf, loss, ppl")
         self.precision = effective_dtype(self.device, train_cfg.dtype)
