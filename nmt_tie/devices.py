@@ -90,10 +90,11 @@ def keep_large_tensors_in_heap(device: torch.device) -> None:
     and unmaps it when freed, so a training update's logits and their gradient (65 MB each
     on Multi30k batches) were page-faulted in anew every update. From the heap their pages
     are reused (after a few updates: an aligned block needs a little more than the one just
-    freed, so the first ones do not fit in each other's place): 200 updates and a validation ran 4.2% faster in fp32 and 2.7% in bf16 (target
-    tokens/s), at the same peak memory, as the trainer gives free pages back every few
-    updates (`release_free_memory`). Translation does not take it: its largest tensors are
-    kept buffers already, and 20,000 piped lines peaked 20 MB higher with it.
+    freed, so the first ones do not fit in each other's place). 200 updates and a validation
+    ran 4.2% faster in fp32 and 2.7% in bf16 (target tokens/s), at the same peak memory, as
+    the trainer gives free pages back every few updates (`release_free_memory`). Translation
+    does not take it: its largest tensors are kept buffers already, and 20,000 piped lines
+    peaked 20 MB higher with it.
     Nothing happens on a GPU or without glibc."""
     libc = _glibc() if device.type == "cpu" else None
     if libc is not None:
