@@ -176,7 +176,8 @@ def beam_search(
     fin_count = torch.zeros(batch, dtype=torch.long, device=device)
 
     # Every sentence starts with `beam` copies; only the first is alive, so that the first
-    # step does not pick the same token `beam` times.
+    # step does not pick the same token `beam` times. That step decodes one row per sentence
+    # (its copies would compute the same scores) and hands them to every copy.
     active = torch.arange(batch, device=device)
     # one encoder output per sentence: decoders let the beams of a sentence share it
     encs = ensemble.encode(src)
@@ -188,7 +189,11 @@ def beam_search(
     caches = None
     for t in range(width):
         n = active.numel()
-        log_probs, caches = ensemble.step(encs, prev, caches)
+        if t == 0:
+            log_probs, caches = ensemble.step(encs, prev[::beam], caches)
+            log_probs = log_probs.repeat_interleave(beam, dim=0)
+        else:
+            log_probs, caches = ensemble.step(encs, prev, caches)
         vocab = log_probs.size(1)
         _only_eos_at_limit(log_probs, (limits <= t).repeat_interleave(beam))
 
@@ -227,7 +232,7 @@ def beam_search(
         rows = (row_base + from_beam.gather(1, keep)).view(-1)
         prev = token.gather(1, keep).view(-1)
         tokens = torch.cat([tokens.index_select(0, rows), prev.unsqueeze(1)], dim=1)
-        caches = Ensemble.reorder(caches, rows)
+        caches = Ensemble.reorder(caches, rows // beam if t == 0 else rows)  # 1 row a sentence at first
 
         # 3. Sentences with `beam` finished hypotheses leave the batch, in ladder steps.
         done = fin_count.index_select(0, active) >= beam

@@ -59,17 +59,18 @@ def test_a_batch_gives_the_same_output_as_one_sentence_at_a_time(arch):
 def test_search_keeps_row_counts_on_the_ladder_and_results_unchanged(beam):
     """Finished sentences leave the batch only in ladder steps (done ones fill the rest and
     take no more hypotheses), in beam search and greedy search alike: the decoder sees few
-    row counts, and every sentence gets what it gets alone."""
+    row counts, and every sentence gets what it gets alone. The first step decodes one row
+    per sentence (its beams are copies of one another)."""
     from nmt_tie.data.batching import ladder_up
 
     torch.manual_seed(7)
     model = build_model(tiny_config("transformer")).eval()
     sources = [torch.randint(4, 50, (n,)).tolist() for n in torch.randint(1, 10, (24,)).tolist()]
-    rows_seen = set()
+    rows_seen = []
     step = model.decode_step
 
     def recording_step(enc, prev, cache, out=None):
-        rows_seen.add(prev.size(0))
+        rows_seen.append(prev.size(0))
         return step(enc, prev, cache, out)
 
     model.decode_step = recording_step
@@ -77,8 +78,10 @@ def test_search_keeps_row_counts_on_the_ladder_and_results_unchanged(beam):
         [model], None, None, SearchOptions(beam=beam, nbest=beam, max_len_b=4, max_tokens=100000)
     )
     together = translator.translate_ids(sources)
-    assert all(rows % beam == 0 and rows // beam == ladder_up(rows // beam) for rows in rows_seen)
-    assert max(rows_seen) == beam * 24 and len(rows_seen) > 3, rows_seen  # sentences did leave
+    first, later = rows_seen[0], set(rows_seen[1:])
+    assert first == 24
+    assert all(rows % beam == 0 and rows // beam == ladder_up(rows // beam) for rows in later)
+    assert max(later) == beam * 24 and len(later) > 3, later  # sentences did leave
     for source, hyps in zip(sources, together, strict=True):
         alone = translator.translate_ids([source])[0]
         assert [h.tokens for h in hyps] == [h.tokens for h in alone]
