@@ -232,7 +232,9 @@ def beam_search(
         rows = (row_base + from_beam.gather(1, keep)).view(-1)
         prev = token.gather(1, keep).view(-1)
         tokens = torch.cat([tokens.index_select(0, rows), prev.unsqueeze(1)], dim=1)
-        caches = Ensemble.reorder(caches, rows // beam if t == 0 else rows)  # 1 row a sentence at first
+        # The caches' rows for the next step (one row a sentence after the first step), gathered
+        # once below: after sentences leave, and not at all after the last step.
+        cache_rows = rows // beam if t == 0 else rows
 
         # 3. Sentences with `beam` finished hypotheses leave the batch, in ladder steps.
         done = fin_count.index_select(0, active) >= beam
@@ -241,11 +243,12 @@ def beam_search(
             break
         still = _sentences_staying(done, alive)
         if still is not None:
-            rows = (still.unsqueeze(1) * beam + torch.arange(beam, device=device)).view(-1)
+            staying = (still.unsqueeze(1) * beam + torch.arange(beam, device=device)).view(-1)
             active, limits, scores = active[still], limits[still], scores[still]
-            tokens, prev = tokens.index_select(0, rows), prev.index_select(0, rows)
+            tokens, prev = tokens.index_select(0, staying), prev.index_select(0, staying)
             encs = Ensemble.reorder(encs, still)
-            caches = Ensemble.reorder(caches, rows)
+            cache_rows = cache_rows.index_select(0, staying)
+        caches = Ensemble.reorder(caches, cache_rows)
 
     results = []
     for row_scores, row_tokens in zip(fin_scores.tolist(), fin_tokens.tolist(), strict=True):
