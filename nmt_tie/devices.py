@@ -51,6 +51,11 @@ def autocast_context(device: torch.device, dtype: str):
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
+def autocast_active(device_type: str) -> bool:
+    """Whether autocast is on for `device_type` here (False where it has no autocast)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def set_tf32(device: torch.device, enabled: bool) -> None:
     """fp32 matrix products on Ampere/Hopper tensor cores (TF32: 10-bit mantissa, fp32 range).
     PyTorch leaves it off for matmuls by default; it makes `dtype: fp32` several times faster."""

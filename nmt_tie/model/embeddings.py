@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmt_tie.data.tokenizer import PAD_ID
+from nmt_tie.devices import autocast_active
 
 ROLES = ("encoder_input", "decoder_input", "output")
 
@@ -131,10 +132,8 @@ class TiedEmbeddings(nn.Module):
         weight = self.weight("output")
         if out is None:
             return F.linear(hidden, weight, self.output_bias)
-        device = hidden.device.type
-        if hidden.dtype != out.dtype or (
-            torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-        ):  # the product in another precision (autocast does not take out=), cast into out
+        if hidden.dtype != out.dtype or autocast_active(hidden.device.type):
+            # the product in another precision (autocast does not take out=), cast into out
             return out.copy_(F.linear(hidden, weight, self.output_bias))
         return torch.addmm(self.output_bias, hidden, weight.t(), out=out)
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from nmt_tie.devices import autocast_active
 from nmt_tie.model.dropout import dropout
 
 EncoderOut = dict[str, torch.Tensor]
@@ -45,8 +46,7 @@ class LoopLinear:
         self.weight = self.bias = None
         if torch.is_grad_enabled() and weight.requires_grad and not torch.compiler.is_compiling():
             device = weight.device.type
-            autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-            dtype = torch.get_autocast_dtype(device) if autocast else weight.dtype
+            dtype = torch.get_autocast_dtype(device) if autocast_active(device) else weight.dtype
             self.weight = _GradientOverSteps.apply(weight, dtype, self.steps)
             if linear.bias is not None:  # cast once, as autocast does
                 self.bias = linear.bias.to(dtype)
