@@ -67,8 +67,8 @@ torch.save({"cfg": cfg, "model": model.state_dict(), "optimizer_history": histor
 """
 
 
-def fairseq_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+def fairseq_state_dict(payload: dict) -> dict[str, torch.Tensor]:
+    """fairseq's state dict of a loaded nmt-tie checkpoint."""
     config, ours = payload["model_config"], payload["model"]
     if config["arch"] != "transformer" or config["tie"] not in TIE_FLAGS or config["norm"] != "pre":
         raise SystemExit("peers_decode.py converts pre-norm three-way or decoder-tied Transformers only")
@@ -163,9 +163,10 @@ def main() -> None:
          "--srcdict", str(work / "dict.txt"), "--workers", "1"],
         check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )  # fmt: skip
-    torch.save(fairseq_state_dict(args.checkpoint), work / "weights.pt")
-    tie = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["model_config"]["tie"]
-    model_args = [TIE_FLAGS[tie] if arg == TIE_FLAGS["all"] else arg for arg in FAIRSEQ_MODEL]
+    payload = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    torch.save(fairseq_state_dict(payload), work / "weights.pt")
+    tie_flag = TIE_FLAGS[payload["model_config"]["tie"]]
+    model_args = [tie_flag if arg == TIE_FLAGS["all"] else arg for arg in FAIRSEQ_MODEL]
     model_args += ["--encoder-learned-pos", "--decoder-learned-pos"]
     build = [str(fairseq_bin / "python"), "-c", BUILD, str(bin_dir), str(work / "weights.pt")]
     subprocess.run([*build, str(work / "fairseq.pt"), *model_args], check=True, env=env)
