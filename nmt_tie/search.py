@@ -143,6 +143,45 @@ def _sentences_staying(done: torch.Tensor, alive: int) -> torch.Tensor | None:
     return done.to(torch.int8).argsort(stable=True)[:kept].sort().values
 
 
+CANDIDATE_CHUNK = 64
+
+
+def best_candidates(log_probs: torch.Tensor, scores: torch.Tensor, k: int):
+    """The k best continuations of each sentence: the largest scores[s, b] + log_probs[s * beam
+    + b, token] over its beam x vocabulary candidates, and their indices b * vocab + token.
+
+    A top-k over every candidate reads each of them element by element (about 20% of a fp32
+    beam step's output-layer time here); so the vocabulary is cut into chunks of 64 and only
+    the k chunks with the largest maxima are searched: each of the k best candidates lies in
+    one of them (a chunk whose maximum is below the k-th best holds nothing above it). The
+    scores are the sums a full top-k would rank, added in the same order (fp32)."""
+    n, beam = scores.shape
+    vocab = log_probs.size(1)
+    chunks = vocab // CANDIDATE_CHUNK
+    if beam * chunks < 4 * k:  # a small vocabulary: the plain top-k is as cheap
+        candidates = log_probs.view(n, beam, vocab).add_(scores.unsqueeze(2))
+        return candidates.view(n, beam * vocab).topk(k, dim=1)
+    main = chunks * CANDIDATE_CHUNK
+    by_chunk = log_probs[:, :main].view(n * beam, chunks, CANDIDATE_CHUNK)
+    chunk_best = by_chunk.amax(dim=2).view(n, beam, chunks).add_(scores.unsqueeze(2))
+    picked = chunk_best.view(n, beam * chunks).topk(k, dim=1).indices  # (n, k) beam * chunks + chunk
+    beam_of, chunk_of = picked // chunks, picked % chunks
+    rows = torch.arange(n, device=scores.device).unsqueeze(1) * beam + beam_of
+    values = by_chunk[rows, chunk_of] + scores.gather(1, beam_of).unsqueeze(2)  # (n, k, chunk)
+    offsets = torch.arange(CANDIDATE_CHUNK, device=scores.device)
+    index = (beam_of * vocab + chunk_of * CANDIDATE_CHUNK).unsqueeze(2) + offsets
+    values, index = values.view(n, -1), index.view(n, -1)
+    if main < vocab:  # the last, shorter chunk is always a candidate
+        rest = log_probs[:, main:].view(n, beam, vocab - main) + scores.unsqueeze(2)
+        rest_index = torch.arange(beam, device=scores.device).unsqueeze(1) * vocab + torch.arange(
+            main, vocab, device=scores.device
+        )
+        values = torch.cat([values, rest.view(n, -1)], dim=1)
+        index = torch.cat([index, rest_index.view(1, -1).expand(n, -1)], dim=1)
+    top_scores, where = values.topk(k, dim=1)
+    return top_scores, index.gather(1, where)
+
+
 LENGTH_NORMS = ("average", "gnmt")
 
 
@@ -197,9 +236,7 @@ def beam_search(
         vocab = log_probs.size(1)
         _only_eos_at_limit(log_probs, (limits <= t).repeat_interleave(beam))
 
-        # log_probs is not needed again: the candidates' scores are summed into it in place
-        candidates = log_probs.view(n, beam, vocab).add_(scores.unsqueeze(2)).view(n, beam * vocab)
-        top_scores, top_index = candidates.topk(2 * beam, dim=1)
+        top_scores, top_index = best_candidates(log_probs, scores, 2 * beam)
         from_beam = top_index // vocab
         token = top_index % vocab
         finite = top_scores > -math.inf

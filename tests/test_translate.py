@@ -21,7 +21,7 @@ from nmt_tie.data.prepare import PreparedData
 from nmt_tie.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from nmt_tie.evaluate import score
 from nmt_tie.model.seq2seq import EncoderDecoder, build_model, configure_for_data
-from nmt_tie.search import Ensemble, beam_search, greedy_search, max_lengths
+from nmt_tie.search import Ensemble, beam_search, best_candidates, greedy_search, max_lengths
 from nmt_tie.training.trainer import Trainer
 from nmt_tie.training.translation import TranslationTask
 from nmt_tie.translate import SearchOptions, Translator
@@ -158,6 +158,27 @@ def test_beam_search_finds_a_better_sequence_than_greedy():
     assert best[0].score == pytest.approx(math.log(0.4) + math.log(0.9), abs=1e-4)
     assert best[0].score > greedy.score
     assert [h.score for h in best] == sorted((h.score for h in best), reverse=True)
+
+
+@pytest.mark.parametrize("vocab", [640, 1000, 8000, 60])
+def test_best_candidates_equal_a_top_k_over_every_candidate(vocab):
+    """Chunked selection (640: whole chunks, 1,000: a shorter last chunk, 60: too small to
+    chunk) returns the scores and indices a top-k over all beam x vocab sums returns,
+    including dead beams (-inf) and a row where only EOS is allowed."""
+    torch.manual_seed(vocab)
+    sentences, beam, k = 7, 5, 10
+    log_probs = torch.log_softmax(3 * torch.randn(sentences * beam, vocab), dim=-1)
+    log_probs[3] = -math.inf
+    log_probs[3, EOS_ID] = -0.5
+    scores = torch.randn(sentences, beam)
+    scores[0, 1:] = -math.inf  # the first step: one live beam
+    sums = log_probs.view(sentences, beam, vocab) + scores.unsqueeze(2)
+    expected = sums.view(sentences, -1).topk(k, dim=1)
+    got_scores, got_index = best_candidates(log_probs.clone(), scores, k)
+    assert torch.equal(got_scores, expected.values)
+    finite = expected.values > -math.inf  # which of several -inf comes first is arbitrary
+    assert torch.equal(got_index[finite], expected.indices[finite])
+    assert torch.equal(sums.view(sentences, -1).gather(1, got_index), got_scores)
 
 
 def test_average_length_normalization_keeps_the_long_hypothesis_gnmt_drops():
