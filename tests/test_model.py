@@ -204,8 +204,8 @@ def test_a_decoding_step_attends_to_every_cached_position_in_fp32(dtype):
 )
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_kernels_equal_the_textbook_formula_with_masks(dtype, cpu_attention, causal, monkeypatch):
-    """fp32 takes PyTorch's fused kernel, bf16 on the CPU the explicit path (or with
-    cpu_attention fp32 the fused kernel in fp32, under autocast too): all must be
+    """fp32 at these short lengths takes explicit products, bf16 on the CPU too (or with
+    cpu_attention fp32 fp32 products, under autocast too): all must be
     softmax(q k^T / sqrt(d) + mask) v, with padded keys (encoder, cross-attention) or future
     positions (decoder self-attention, which has no padded keys: they come last) masked."""
     from nmt_tie.model import transformer
@@ -235,7 +235,7 @@ def test_attention_kernels_equal_the_textbook_formula_with_masks(dtype, cpu_atte
         q, k, v = (t.to(dtype).float() for t in (q, k, v))
         mask = torch.ones(6, 6, dtype=torch.bool).tril() if causal else key_mask
         exact = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        torch.testing.assert_close(got, exact.to(dtype), atol=0, rtol=0)
+        torch.testing.assert_close(got.float(), exact, atol=1e-6, rtol=2**-8)
 
 
 def test_cpu_attention_takes_bf16_or_fp32_only(monkeypatch):
@@ -247,18 +247,29 @@ def test_cpu_attention_takes_bf16_or_fp32_only(monkeypatch):
         transformer.set_cpu_bf16_attention("fp16")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_decoding_step_takes_the_fused_kernel_and_equals_the_formula(dtype, monkeypatch):
-    """One query position (greedy decoding's cross-attention): PyTorch's fused kernel in fp32
-    and bf16 alike (the explicit bf16 products would make oneDNN keep kernels for every
-    (rows, source length) pair), with padded keys masked."""
+@pytest.mark.parametrize(
+    "dtype,queries,keys,fused",
+    [
+        (torch.bfloat16, 1, 7, True),  # greedy decoding's cross-attention
+        (torch.float32, 1, 7, False),
+        (torch.float32, 5, 90, False),  # a beam's queries over a long source
+        (torch.float32, 90, 90, True),  # training on long sentences
+    ],
+)
+def test_cpu_attention_picks_its_kernel_by_shape_and_equals_the_formula(
+    dtype, queries, keys, fused, monkeypatch
+):
+    """PyTorch's fused kernel for one bf16 query position (the explicit bf16 products would
+    make oneDNN keep kernels for every (rows, source length) pair) and for fp32 with many
+    queries over many keys; explicit fp32 products (faster) for short keys or few queries.
+    All equal the formula with padded keys masked."""
     import torch.nn.functional as F
 
     from nmt_tie.model import transformer
 
     torch.manual_seed(5)
-    q, k, v = torch.randn(4, 2, 1, 8), torch.randn(4, 2, 7, 8), torch.randn(4, 2, 7, 8)
-    key_mask = torch.ones(4, 1, 1, 7, dtype=torch.bool)
+    q, k, v = torch.randn(4, 2, queries, 8), torch.randn(4, 2, keys, 8), torch.randn(4, 2, keys, 8)
+    key_mask = torch.ones(4, 1, 1, keys, dtype=torch.bool)
     key_mask[2, ..., 3:] = False
     expected = torch.softmax((q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~key_mask, float("-inf")), -1) @ v
     fused_calls = []
@@ -269,7 +280,7 @@ def test_a_decoding_step_takes_the_fused_kernel_and_equals_the_formula(dtype, mo
         lambda *a, **kw: fused_calls.append(1) or real_sdpa(*a, **kw),
     )
     got = transformer.attention(q.to(dtype), k.to(dtype), v.to(dtype), key_mask).float()
-    assert fused_calls == [1]
+    assert fused_calls == ([1] if fused else [])
     tolerance = 1e-5 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
 
@@ -551,12 +562,16 @@ def test_each_architecture_and_tying_mode_learns_to_copy(arch, tie):
     )
     model = build_model(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    # Decayed to 0: at a constant 3e-3 the loss spikes now and then, and whether update 300
+    # met a spike turned on rounding (seed 4 ended at 0.005 or 0.27 by attention kernel).
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: 1 - update / 300)
     for _ in range(300):
         src, tgt_in, tgt_out = copy_task_batch(vocab)
         loss = F.cross_entropy(model(src, tgt_in).flatten(0, 1), tgt_out.flatten(), ignore_index=0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
     model.eval()
     src, tgt_in, tgt_out = copy_task_batch(vocab, 256)
     with torch.no_grad():

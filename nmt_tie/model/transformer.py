@@ -49,7 +49,7 @@ _cpu_bf16_attention = "bf16"
 def set_cpu_bf16_attention(precision: str) -> None:
     """How bf16 attention with several query positions runs on the CPU (training, the
     encoder, cross-attention of a beam): "bf16", explicit bf16 matrix products, the fastest;
-    or "fp32", PyTorch's fused kernel on fp32 copies of q, k and v, for flat memory.
+    or "fp32", fp32 attention (see `attention`) on fp32 copies of q, k and v, for flat memory.
 
     oneDNN builds and keeps a kernel for every (batch x heads, query length, key length) it
     multiplies in bf16, a few MB each: at the Multi30k recipe's shapes bf16 training peaked at
@@ -65,9 +65,12 @@ def set_cpu_bf16_attention(precision: str) -> None:
 def attention(q, k, v, key_mask=None, causal=False, dropout_p=0.0) -> torch.Tensor:
     """Scaled dot-product attention; q, k, v (batch, heads, len, head_dim), mask True = attend.
 
-    PyTorch's fused CPU kernel is fast in fp32 but about six times slower than plain matrix
-    products in bf16 (measured here: 28 ms against 4.6 ms forward+backward for 128 sentences
-    of 20 tokens), so bf16 on the CPU takes the explicit path (or, with
+    On the CPU plain matrix products beat PyTorch's fused kernel at short lengths: in fp32
+    forward+backward about 2x at 20 positions, 1.25x at 64, and it wins from about 128 on;
+    decoding's cross-attention (a beam's few query positions) 2-3x; so fp32 with short keys or
+    few queries takes the explicit path. In bf16 the fused kernel is about six times slower
+    (28 ms against 4.6 ms forward+backward for 128 sentences of 20 tokens), so bf16 on the CPU
+    takes the explicit path (or, with
     `set_cpu_bf16_attention("fp32")`, the fused kernel in fp32), except for one query position
     (greedy decoding's cross-attention): there the explicit products would make oneDNN build
     and keep kernels for every (rows, source length) pair a translation meets. The decoder's
@@ -78,6 +81,8 @@ def attention(q, k, v, key_mask=None, causal=False, dropout_p=0.0) -> torch.Tens
     on an H100 (torch 2.11, small Transformer, bf16): 380 ms for a training step of a shape
     not seen before against 20 ms once seen; without cuDNN 31 ms and 23.5 ms.
     """
+    if q.dtype == torch.float32 and q.device.type == "cpu" and _short_fp32(q, k):
+        return _explicit_attention(q, k, v, key_mask, causal, dropout_p)
     if q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.size(-2) > 1:
         if _cpu_bf16_attention == "bf16":
             return _explicit_attention(q, k, v, key_mask, causal, dropout_p)
@@ -88,6 +93,10 @@ def attention(q, k, v, key_mask=None, causal=False, dropout_p=0.0) -> torch.Tens
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=key_mask, dropout_p=dropout_p, is_causal=causal
         )
+
+
+def _short_fp32(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return k.size(-2) <= 64 or q.size(-2) <= 16
 
 
 def _explicit_attention(q, k, v, key_mask, causal, dropout_p) -> torch.Tensor:
