@@ -96,7 +96,8 @@ def attention(q, k, v, key_mask=None, causal=False, dropout_p=0.0) -> torch.Tens
 
 
 def _short_fp32(q: torch.Tensor, k: torch.Tensor) -> bool:
-    return k.size(-2) <= 64 or q.size(-2) <= 16
+    # Not when compiling: a test of the lengths would make a graph per side of it.
+    return not torch.compiler.is_compiling() and (k.size(-2) <= 64 or q.size(-2) <= 16)
 
 
 def _explicit_attention(q, k, v, key_mask, causal, dropout_p) -> torch.Tensor:
