@@ -66,12 +66,12 @@ def attention(q, k, v, key_mask=None, causal=False, dropout_p=0.0) -> torch.Tens
     """Scaled dot-product attention; q, k, v (batch, heads, len, head_dim), mask True = attend.
 
     On the CPU plain matrix products beat PyTorch's fused kernel at short lengths: in fp32
-    forward+backward about 2x at 20 positions, 1.25x at 64, and it wins from about 128 on;
-    decoding's cross-attention (a beam's few query positions) 2-3x; so fp32 with short keys or
-    few queries takes the explicit path. In bf16 the fused kernel is about six times slower
-    (28 ms against 4.6 ms forward+backward for 128 sentences of 20 tokens), so bf16 on the CPU
-    takes the explicit path (or, with
-    `set_cpu_bf16_attention("fp32")`, the fused kernel in fp32), except for one query position
+    forward+backward about 2x at 20 positions, 1.25x at 64 (the fused kernel wins from about
+    128 on), decoding's cross-attention (a beam's few query positions) 2-3x; so fp32 with short
+    keys or few queries takes the explicit path. In bf16 the fused kernel is about six times
+    slower (28 ms against 4.6 ms forward+backward for 128 sentences of 20 tokens), so bf16 on
+    the CPU takes the explicit path (or, with `set_cpu_bf16_attention("fp32")`, fp32
+    attention), except for one query position
     (greedy decoding's cross-attention): there the explicit products would make oneDNN build
     and keep kernels for every (rows, source length) pair a translation meets. The decoder's
     self-attention in a decoding step does not come here: see `KeyValueCache.attend`.
