@@ -176,9 +176,8 @@ def best_candidates(
     values, index = values.view(n, -1), index.view(n, -1)
     if main < vocab:  # the last, shorter chunk is always a candidate
         rest = log_probs[:, main:].view(n, beam, vocab - main) + scores.unsqueeze(2)
-        rest_index = torch.arange(beam, device=scores.device).unsqueeze(1) * vocab + torch.arange(
-            main, vocab, device=scores.device
-        )
+        beam_starts = torch.arange(beam, device=scores.device).unsqueeze(1) * vocab
+        rest_index = beam_starts + torch.arange(main, vocab, device=scores.device)
         values = torch.cat([values, rest.view(n, -1)], dim=1)
         index = torch.cat([index, rest_index.view(1, -1).expand(n, -1)], dim=1)
     top_scores, where = values.topk(k, dim=1)
