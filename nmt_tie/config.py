@@ -102,8 +102,9 @@ class TrainConfig:
     tf32: bool = True  # dtype fp32 on Ampere/Hopper GPUs: TF32 tensor-core matrix products
     threads: int = 0  # CPU threads for torch; 0 = all cores
     compile: bool = False  # torch.compile the model
-    cpu_attention: str = "bf16"  # bf16 on the CPU: attention in bf16 products (fastest) or fp32
-    #                              (fused kernel: 1.44x fp32's memory, not 1.83x; ~7% slower)
+    cpu_attention: str = "fp32"  # dtype bf16 on the CPU: attention in fp32 (1.23x fp32 training's
+    #                              memory) or bf16 products (1.60x: oneDNN keeps a kernel per shape;
+    #                              about as fast: 0.97-1.02x per update, the same whole-run time)
     # batching
     max_tokens: int = 4096  # padded source + target tokens per batch (per GPU)
     max_sentences: int = 0  # optional cap on sentences per batch; 0 = none

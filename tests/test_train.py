@@ -243,15 +243,15 @@ def test_run_directory_holds_config_logs_tensorboard_and_checkpoints(tmp_path, d
     assert len((run / "valid.hyp").read_text().splitlines()) == 20
 
 
-@pytest.mark.parametrize("cpu_attention", ["bf16", "fp32"])
+@pytest.mark.parametrize("cpu_attention", ["bf16", "fp32", None])
 def test_bf16_autocast_trains_on_the_cpu(tmp_path, data_dir, cpu_attention, monkeypatch):
     from nmt_tie.model import transformer
 
     monkeypatch.setattr(transformer, "_cpu_bf16_attention", "bf16")  # restored after the test
-    trainer = make_trainer(
-        tmp_path, data_dir, "run", dtype="bf16", max_updates=10, cpu_attention=cpu_attention
-    )
-    assert transformer._cpu_bf16_attention == cpu_attention
+    chosen = {} if cpu_attention is None else {"cpu_attention": cpu_attention}
+    trainer = make_trainer(tmp_path, data_dir, "run", dtype="bf16", max_updates=10, **chosen)
+    # training's default is fp32 attention (flat memory), decoding's bf16 products
+    assert transformer._cpu_bf16_attention == (cpu_attention or "fp32")
     summary = trainer.run()
     assert summary["update"] == 10
     assert all(

@@ -43,19 +43,22 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
+# Decoding's default; training sets it from its config (`cpu_attention`, default fp32).
 _cpu_bf16_attention = "bf16"
 
 
 def set_cpu_bf16_attention(precision: str) -> None:
     """How bf16 attention with several query positions runs on the CPU (training, the
-    encoder, cross-attention of a beam): "bf16", explicit bf16 matrix products, the fastest;
-    or "fp32", fp32 attention (see `attention`) on fp32 copies of q, k and v, for flat memory.
+    encoder, cross-attention of a beam): "bf16", explicit bf16 matrix products; or "fp32",
+    fp32 attention (see `attention`) on fp32 copies of q, k and v, for flat memory.
 
     oneDNN builds and keeps a kernel for every (batch x heads, query length, key length) it
     multiplies in bf16, a few MB each: at the Multi30k recipe's shapes bf16 training peaked at
-    1,838 MB against 1,448 MB with "fp32" (fp32 training: 1,007 MB) and is about 7% faster
-    (recipes/benchmarks/results/bf16_memory_cpu.txt). The fp32 products cost more than the
-    bf16 ones only in the casts: attention is ~3% of a small Transformer's FLOPs."""
+    1,762 MB with "bf16" against 1,357 MB with "fp32" (fp32 training: 1,101 MB), in the same
+    time (per update 0.97-1.02x, as short attentions take fp32 products, which keep no kernels;
+    recipes/benchmarks/results/bf16_memory_cpu.txt), so training takes "fp32" by default.
+    Decoding keeps "bf16": beam 5 is 5% faster with it, greedy 2%, and its shapes are bounded
+    by the ladder."""
     global _cpu_bf16_attention
     if precision not in ("bf16", "fp32"):
         raise UserError(f"cpu_attention must be bf16 or fp32, not {precision!r}")
@@ -70,8 +73,8 @@ def attention(q, k, v, key_mask=None, causal=False, dropout_p=0.0) -> torch.Tens
     128 on), decoding's cross-attention (a beam's few query positions) 2-3x; so fp32 with short
     keys or few queries takes the explicit path. In bf16 the fused kernel is about six times
     slower (28 ms against 4.6 ms forward+backward for 128 sentences of 20 tokens), so bf16 on
-    the CPU takes the explicit path (or, with `set_cpu_bf16_attention("fp32")`, fp32
-    attention), except for one query position
+    the CPU takes fp32 attention on fp32 copies (`set_cpu_bf16_attention("fp32")`, training's
+    default) or the explicit bf16 path (decoding's), except for one query position
     (greedy decoding's cross-attention): there the explicit products would make oneDNN build
     and keep kernels for every (rows, source length) pair a translation meets. The decoder's
     self-attention in a decoding step does not come here: see `KeyValueCache.attend`.
