@@ -325,10 +325,14 @@ class TransformerDecoder(nn.Module):
         _init_linear_layers(self)
 
     def prepare(self, enc: EncoderOut) -> EncoderOut:
-        """Cross-attention keys and values of every layer, computed once per source."""
+        """Cross-attention keys and values of every layer, computed once per source.
+
+        Made contiguous once here: as views split from one product, every decoding step's
+        matrix products would copy them (fp32 beam search spent about 5% of its time so)."""
         prepared = dict(enc)
         for i, layer in enumerate(self.layers):
-            prepared[f"k{i}"], prepared[f"v{i}"] = layer.cross_attn.keys_values(enc["memory"])
+            k, v = layer.cross_attn.keys_values(enc["memory"])
+            prepared[f"k{i}"], prepared[f"v{i}"] = k.contiguous(), v.contiguous()
         return prepared
 
     def _run(self, x, enc, caches):
