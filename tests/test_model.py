@@ -542,9 +542,8 @@ os._exit(0)  # skip gloo's teardown, which now and then hangs (pytorch/pytorch#7
 
 
 def test_ddp_wrapping_keeps_one_tied_parameter(tmp_path):
-    """In a child process: tearing a gloo process group down hung the whole test run once
-    (ProcessGroupGloo's destructor joining its threads), and a process group cannot be made
-    twice in one process either."""
+    """In a child process that exits without tearing its gloo process group down: the
+    teardown (ProcessGroupGloo's destructor joining its threads) hung a whole test run once."""
     import subprocess
     import sys
     from pathlib import Path

@@ -328,7 +328,7 @@ class TransformerDecoder(nn.Module):
         """Cross-attention keys and values of every layer, computed once per source.
 
         Made contiguous once here: as views split from one product, every decoding step's
-        matrix products would copy them (fp32 beam search spent about 5% of its time so)."""
+        matrix products would copy them (about 2% of fp32 beam search's time, more in bf16)."""
         prepared = dict(enc)
         for i, layer in enumerate(self.layers):
             k, v = layer.cross_attn.keys_values(enc["memory"])
