@@ -262,7 +262,6 @@ def test_cpu_attention_picks_its_kernel_by_shape_and_equals_the_formula(
     make oneDNN keep kernels for every (rows, source length) pair) and for fp32 with many
     queries over many keys; explicit fp32 products (faster) for short keys or few queries.
     All equal the formula with padded keys masked."""
-    import torch.nn.functional as F
 
     from nmt_tie.model import transformer
 
