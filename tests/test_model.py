@@ -305,6 +305,31 @@ def test_cpu_dropout_drops_its_share_and_keeps_the_expectation(dtype):
     assert dropout(x, 0.3, False) is x and dropout(x, 0.0, True) is x
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_relu_dropout_equals_relu_then_dropout(dtype):
+    """The feed-forward layer's relu + dropout in one function: with the same random numbers
+    the same output and the same gradient as relu and `dropout` apart, bit for bit."""
+    from torch.nn import functional as F
+
+    from nmt_tie.model.dropout import dropout, relu_dropout
+
+    x = torch.randn(300, 70, dtype=dtype)
+    x[0, :5] = 0.0  # relu's kink: no gradient at zero in both
+    grad = torch.randn(300, 70, dtype=dtype)
+    results = []
+    for fn in (relu_dropout, lambda h, p, training: dropout(F.relu(h), p, training)):
+        torch.manual_seed(3)
+        leaf = x.clone().requires_grad_()
+        out = fn(leaf, 0.2, True)
+        out.backward(grad)
+        results.append((out, leaf.grad))
+    (out, x_grad), (reference, reference_grad) = results
+    assert torch.equal(out, reference) and torch.equal(x_grad, reference_grad)
+    dropped = (out == 0) & (x > 0)
+    assert 0.15 < dropped.sum() / (x > 0).sum() < 0.25
+    assert torch.equal(relu_dropout(x, 0.2, False), F.relu(x))
+
+
 def test_rnn_loop_weight_gradients_equal_step_by_step_autograd(monkeypatch):
     """LoopLinear takes each recurrent weight's gradient in one product over all time steps;
     it must equal autograd's step-by-step sum (float64), for every parameter, padding included,

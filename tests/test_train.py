@@ -346,6 +346,40 @@ def test_rows_padded_with_pad_targets_change_neither_loss_nor_gradient():
     torch.testing.assert_close(ours.grad, theirs.grad)
 
 
+def test_loss_gradient_made_in_the_forward_pass_holds_for_bf16_retained_graphs_and_no_grad():
+    """The loss makes its gradient in the forward pass and keeps it for the backward pass:
+    bf16 logits get the fp32 reference's gradient to bf16 precision, a retained graph gives
+    the same gradient twice, and without autograd nothing is made but the loss."""
+    from torch.nn import functional as F
+
+    from nmt_tie.data.tokenizer import PAD_ID
+    from nmt_tie.training.loss import label_smoothed_nll
+
+    torch.manual_seed(0)
+    logits = torch.randn(300, 120) * 3
+    target = torch.randint(PAD_ID + 1, 120, (300,))
+    target[::7] = PAD_ID
+    smoothed = dict(label_smoothing=0.1, ignore_index=PAD_ID, reduction="sum")
+    reference = logits.clone().requires_grad_()
+    (F.cross_entropy(reference, target, **smoothed) / 250).backward()
+    half = logits.to(torch.bfloat16).requires_grad_()
+    loss, _ = label_smoothed_nll(half, target, 0.1, chunk=1000, ignore_index=PAD_ID)
+    (loss / 250).backward()
+    assert half.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(half.grad.float(), reference.grad, rtol=0.02, atol=2e-5)
+    assert (half.grad[::7] == 0).all()
+    retained = logits.clone().requires_grad_()
+    loss, _ = label_smoothed_nll(retained, target, 0.1, ignore_index=PAD_ID)
+    loss.backward(retain_graph=True)
+    first = retained.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(retained.grad, 2 * first)
+    with torch.no_grad():
+        loss, nll = label_smoothed_nll(retained, target, 0.1, ignore_index=PAD_ID)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, F.cross_entropy(logits, target, **smoothed))
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from /proc")
 def test_free_heap_pages_go_back_to_the_system():
     """Training and decoding on a CPU trim glibc's heap: memory freed between live blocks

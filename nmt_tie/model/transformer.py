@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nmt_tie.errors import UserError
-from nmt_tie.model.dropout import dropout
+from nmt_tie.model.dropout import dropout, relu_dropout
 
 EncoderOut = dict[str, torch.Tensor]
 GPU_ATTENTION_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -241,7 +241,7 @@ class FeedForward(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(dropout(F.relu(self.up(x)), self.dropout, self.training))
+        return self.down(relu_dropout(self.up(x), self.dropout, self.training))
 
 
 class Residual(nn.Module):

@@ -2,14 +2,16 @@
 
 The textbook composition (log_softmax, gather, mean) allocates and sweeps the (tokens x
 vocabulary) matrix about six times in the backward pass; this function computes the gradient
-softmax - (1 - eps) * onehot - eps / V directly and never materializes log-probabilities.
+softmax - (1 - eps) * onehot - eps / V directly, in the forward pass from the exponentials the
+loss needs anyway, and never materializes log-probabilities (the backward pass only scales it).
 It works through the rows in chunks of at most 4M elements: on the CPU, glibc serves
 allocations above 32 MB with fresh pages from mmap every time (page faults cost more than the
 arithmetic here), smaller ones come from reused heap memory. On a GPU, where every chunk
 costs a handful of kernel launches, chunks are sized for memory instead (1/8 G elements, so
 a 4,000-token batch of a 90K vocabulary is 3 chunks, not 700). The loss equals
 F.cross_entropy(..., label_smoothing=eps, reduction="sum"), and unlike that call it never
-stores the log-probabilities for the backward pass: memory is the logits and their gradient.
+stores the log-probabilities for the backward pass: memory is the logits and their gradient
+(the logits are no longer needed once the forward pass has made the gradient).
 """
 
 from __future__ import annotations
@@ -35,50 +37,54 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, eps: float, elements: int, ignore_index: int | None):
         rows, vocab = logits.shape
         compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        keep = None if ignore_index is None else (target != ignore_index).to(compute)
+        # The gradient (softmax - (1 - eps) * onehot - eps / V per kept row) is made here, from
+        # the exponentials the loss needs anyway, and kept for the backward pass instead of the
+        # logits: one pass over the (rows x vocabulary) matrix fewer, and no second exp.
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        in_place = grad is not None and logits.dtype == compute
         log_norm = torch.empty(rows, dtype=compute, device=logits.device)
         mean_score = torch.empty(rows, dtype=compute, device=logits.device)
         for start, end in _row_chunks(rows, vocab, elements):
             # log-sum-exp as max + log(sum(exp(x - max))) in one buffer: torch.logsumexp took
             # twice as long on the CPU (same result, bit for bit). The buffer is a converted copy
-            # because mixed bf16/fp32 arithmetic takes a slow path on the CPU.
-            scores = logits[start:end].to(compute, copy=True)
+            # (mixed bf16/fp32 arithmetic takes a slow path on the CPU), or the gradient's own
+            # rows when the logits are already of the compute type.
+            if in_place:
+                scores = grad[start:end].copy_(logits[start:end])
+            else:
+                scores = logits[start:end].to(compute, copy=True)
             top = scores.amax(dim=-1, keepdim=True)
             mean_score[start:end] = scores.mean(dim=-1)
-            log_norm[start:end] = scores.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(1))
+            total = scores.sub_(top).exp_().sum(dim=-1)
+            log_norm[start:end] = total.log().add_(top.squeeze(1))
+            if grad is None:
+                continue
+            row_keep = None if keep is None else keep[start:end]
+            scale = total.reciprocal_() if row_keep is None else row_keep / total
+            scores.mul_(scale.unsqueeze(1))  # the softmax; ignored rows become zero
+            if eps > 0:
+                scores.sub_(eps / vocab if row_keep is None else (eps / vocab) * row_keep.unsqueeze(1))
+            index = torch.arange(end - start, device=logits.device)
+            scores[index, target[start:end]] -= 1 - eps if row_keep is None else (1 - eps) * row_keep
+            if not in_place:
+                grad[start:end] = scores
         target_score = logits.gather(1, target.unsqueeze(1)).squeeze(1).to(compute)
         row_nll, row_smooth = log_norm - target_score, log_norm - mean_score
-        if ignore_index is not None:
-            keep = (target != ignore_index).to(compute)
+        if keep is not None:
             row_nll, row_smooth = row_nll * keep, row_smooth * keep
         nll = row_nll.sum()
         loss = (1 - eps) * nll + eps * row_smooth.sum() if eps > 0 else nll.clone()
-        ctx.save_for_backward(logits, target, log_norm)
-        ctx.eps = eps
-        ctx.elements = elements
-        ctx.ignore_index = ignore_index
+        ctx.save_for_backward(grad)  # freed after the backward pass unless the graph is retained
         ctx.mark_non_differentiable(nll)
         return loss, nll
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_nll: torch.Tensor):
-        logits, target, log_norm = ctx.saved_tensors
-        eps = ctx.eps
-        rows, vocab = logits.shape
-        grad = torch.empty_like(logits)
-        # the incoming gradient and the ignored rows as one factor per row: one pass, not two
-        row_scale = grad_loss.to(log_norm.dtype).expand(rows).unsqueeze(1)
-        if ctx.ignore_index is not None:
-            row_scale = row_scale * (target != ctx.ignore_index).unsqueeze(1)
-        for start, end in _row_chunks(rows, vocab, ctx.elements):
-            # softmax, in one buffer updated in place
-            chunk = logits[start:end].to(log_norm.dtype, copy=True)
-            chunk.sub_(log_norm[start:end].unsqueeze(1)).exp_()
-            if eps > 0:
-                chunk.sub_(eps / vocab)
-            index = torch.arange(end - start, device=logits.device)
-            chunk[index, target[start:end]] -= 1 - eps
-            grad[start:end] = chunk.mul_(row_scale[start:end])
-        return grad, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        # out of place: a retained graph may run backward again. A 0-dim fp32 factor keeps the
+        # gradient's dtype and multiplies in fp32 on the CPU.
+        return grad * grad_loss, None, None, None, None
 
 
 def label_smoothed_nll(
@@ -94,4 +100,6 @@ def label_smoothed_nll(
     Rows whose target is `ignore_index` add nothing to either sum and get a zero gradient
     (training pads its rows to a bounded set of counts with them)."""
     elements = chunk or chunk_elements(logits.device)
+    if logits.requires_grad and not torch.is_grad_enabled():
+        logits = logits.detach()  # the forward pass makes the gradient only for autograd
     return _LabelSmoothedCrossEntropy.apply(logits, target, eps, elements, ignore_index)
