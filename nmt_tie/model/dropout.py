@@ -24,6 +24,11 @@ def _random_bytes(x: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.uint8)[:count].view(x.shape)
 
 
+def _keep_mask(x: torch.Tensor, dropped: int) -> torch.Tensor:
+    """1 where a random byte is at least `dropped`, else 0, in x's dtype."""
+    return torch.ge(_random_bytes(x), dropped, out=torch.empty_like(x))
+
+
 def _dropped_of_256(p: float) -> int:
     return max(1, round(p * 256))
 
@@ -36,10 +41,11 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     dropped = _dropped_of_256(p)
     if dropped >= 256:
         return torch.zeros_like(x)
-    keep = _random_bytes(x) >= dropped
-    # a 0/1 mask of x's own dtype: multiplying by the bool mask took a mixed-type path, forward
-    # and backward (dropout 1.2x faster, same values bit for bit)
-    return (x * keep.to(x.dtype)).mul_(256 / (256 - dropped))
+    # a 0/1 mask of x's own dtype: multiplying by a bool mask takes a mixed-type path, forward
+    # and backward (1.2x slower); and the comparison writes it at once (a bool mask converted
+    # after took 5-9x as long on a CPU)
+    keep = _keep_mask(x, dropped)
+    return (x * keep).mul_(256 / (256 - dropped))
 
 
 class _ReluDropout(torch.autograd.Function):
@@ -51,7 +57,7 @@ class _ReluDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, dropped: int) -> torch.Tensor:
         scale = 256 / (256 - dropped)
-        out = torch.where(_random_bytes(x) < dropped, 0.0, x).relu_().mul_(scale)
+        out = _keep_mask(x, dropped).mul_(x).relu_().mul_(scale)
         ctx.save_for_backward(out)
         ctx.scale = scale
         return out

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -111,6 +112,7 @@ def fairseq(venv: Path, data: Path, work: Path, updates: int, skip: int, threads
 
 def nmt_tie(data: Path, work: Path, updates: int, skip: int, dtype: str, threads: int) -> dict:
     save_dir = work / f"nmt-tie-{dtype}"
+    shutil.rmtree(save_dir, ignore_errors=True)  # a run left in --work would resume, not train
     command = [sys.executable, "-m", "nmt_tie", "train", str(RECIPE), f"data={data}", f"save_dir={save_dir}"]
     command += [f"dtype={dtype}", f"max_updates={updates}", "valid_every=1000000", "log_every=10"]
     command += ["warmup=300", f"threads={threads}", "seed=1"]
