@@ -133,27 +133,39 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=100, help="updates left out of the averages (warm-up)")
     parser.add_argument("--threads", type=int, default=2, help="threads of each job (default 2)")
     parser.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the three jobs this many times in turn; each ratio is to the fairseq job of its own "
+        "round (a shared machine's speed drifts by several % over minutes), the table gives medians",
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="nmt-tie-peers-"))
-    results = {}
-    for name, run in [
+    jobs = [
         (
             "fairseq fp32",
             lambda: fairseq(args.fairseq_venv, args.data, work, args.updates, args.skip, args.threads),
         ),
         ("nmt-tie fp32", lambda: nmt_tie(args.data, work, args.updates, args.skip, "fp32", args.threads)),
         ("nmt-tie bf16", lambda: nmt_tie(args.data, work, args.updates, args.skip, "bf16", args.threads)),
-    ]:
-        start = time.perf_counter()
-        results[name] = run()
-        results[name]["wall_s"] = time.perf_counter() - start
-        print(name, json.dumps(results[name]), flush=True)
-    base = results["fairseq fp32"]["tokens_per_s"]
-    print(f"\n{'':<14}{'target tok/s':>14}{'vs fairseq':>12}{'peak RSS MB':>13}")
-    for name, result in results.items():
+    ]
+    results: dict[str, list[dict]] = {name: [] for name, _ in jobs}
+    for round_index in range(args.rounds):
+        for name, run in jobs:
+            start = time.perf_counter()
+            result = run()
+            result["wall_s"] = time.perf_counter() - start
+            results[name].append(result)
+            print(f"round {round_index + 1}", name, json.dumps(result), flush=True)
+    base = [r["tokens_per_s"] for r in results["fairseq fp32"]]
+    print(f"\n{'':<14}{'target tok/s':>14}{'vs fairseq':>12}{'peak RSS MB':>13}  ratio per round")
+    for name, runs in results.items():
+        ratios = [r["tokens_per_s"] / b for r, b in zip(runs, base, strict=True)]
         print(
-            f"{name:<14}{result['tokens_per_s']:>14,.0f}{result['tokens_per_s'] / base:>11.2f}x"
-            f"{result['peak_rss_mb']:>13,.0f}"
+            f"{name:<14}{statistics.median(r['tokens_per_s'] for r in runs):>14,.0f}"
+            f"{statistics.median(ratios):>11.2f}x{max(r['peak_rss_mb'] for r in runs):>13,.0f}  "
+            + " ".join(f"{x:.3f}" for x in ratios)
         )
 
 
