@@ -8,9 +8,11 @@ Transformer 256/1024, 3+3 layers, 4 heads, three-way tied, dropout 0.1, label sm
 Adam, inverse-sqrt warm-up) for the same number of updates with about the same target
 tokens per batch, then nmt-tie in fp32 and bf16, one job at a time, and prints target tokens
 per second (fairseq's `wps`; nmt-tie's `tokens_per_s`: non-pad target tokens including EOS)
-after the first `--skip` updates, and each process's peak resident memory.
+after the first `--skip` updates, and each process's peak resident memory. With `--rounds N`
+the three jobs run N times in turn and each ratio is to its own round's fairseq job.
 
-    python recipes/benchmarks/peers.py --data runs/multi30k/data-en-de --fairseq-venv PEER [--updates 300]
+    python recipes/benchmarks/peers.py --data runs/multi30k/data-en-de --fairseq-venv PEER \
+        [--updates 300] [--rounds 2]
 """
 
 from __future__ import annotations
