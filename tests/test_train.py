@@ -380,6 +380,26 @@ def test_loss_gradient_made_in_the_forward_pass_holds_for_bf16_retained_graphs_a
     torch.testing.assert_close(loss, F.cross_entropy(logits, target, **smoothed))
 
 
+def test_fp16_loss_gradient_keeps_small_probabilities_until_the_loss_scale_arrives():
+    """fp16 training scales the loss (GradScaler) so that small gradients survive fp16; the
+    loss's gradient is made before that factor is known, so it is kept pre-scaled: entries of
+    probability 1e-7-1e-4 come out as precise as the fp32 reference allows."""
+    from torch.nn import functional as F
+
+    from nmt_tie.training.loss import label_smoothed_nll
+
+    torch.manual_seed(1)
+    logits = (torch.randn(64, 3000) * 4).half()
+    target = torch.randint(0, 3000, (64,))
+    reference = logits.float().requires_grad_()
+    (F.cross_entropy(reference, target, label_smoothing=0.1, reduction="sum") * 1024).backward()
+    half = logits.clone().requires_grad_()
+    (label_smoothed_nll(half, target, 0.1)[0] * 1024).backward()
+    small = (reference.grad.abs() > 1e-4) & (reference.grad.abs() < 0.1)  # probabilities 1e-7-1e-4
+    assert small.sum() > 10_000
+    torch.testing.assert_close(half.grad.float()[small], reference.grad[small], rtol=2e-3, atol=0)
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from /proc")
 def test_free_heap_pages_go_back_to_the_system():
     """Training and decoding on a CPU trim glibc's heap: memory freed between live blocks

@@ -43,6 +43,10 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         # logits: one pass over the (rows x vocabulary) matrix fewer, and no second exp.
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         in_place = grad is not None and logits.dtype == compute
+        # fp16 keeps the gradient times 2**15 until the backward pass brings the loss scaler's
+        # factor: softmax entries down to ~2e-9 stay normal fp16 numbers (unscaled, those below
+        # 6e-5 would lose precision and those below 6e-8 flush to zero). A power of two: exact.
+        ctx.stored_scale = 2.0**15 if logits.dtype == torch.float16 else 1.0
         log_norm = torch.empty(rows, dtype=compute, device=logits.device)
         mean_score = torch.empty(rows, dtype=compute, device=logits.device)
         for start, end in _row_chunks(rows, vocab, elements):
@@ -68,7 +72,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
             index = torch.arange(end - start, device=logits.device)
             scores[index, target[start:end]] -= 1 - eps if row_keep is None else (1 - eps) * row_keep
             if not in_place:
-                grad[start:end] = scores
+                grad[start:end] = scores if ctx.stored_scale == 1.0 else scores.mul_(ctx.stored_scale)
         target_score = logits.gather(1, target.unsqueeze(1)).squeeze(1).to(compute)
         row_nll, row_smooth = log_norm - target_score, log_norm - mean_score
         if keep is not None:
@@ -84,7 +88,8 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # out of place: a retained graph may run backward again. A 0-dim fp32 factor keeps the
         # gradient's dtype and multiplies in fp32 on the CPU.
-        return grad * grad_loss, None, None, None, None
+        factor = grad_loss if ctx.stored_scale == 1.0 else grad_loss / ctx.stored_scale
+        return grad * factor, None, None, None, None
 
 
 def label_smoothed_nll(
