@@ -37,7 +37,10 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, eps: float, elements: int, ignore_index: int | None):
         rows, vocab = logits.shape
         compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        keep = None if ignore_index is None else (target != ignore_index).to(compute)
+        if ignore_index is None:
+            keep = torch.ones(rows, dtype=compute, device=logits.device)
+        else:
+            keep = (target != ignore_index).to(compute)
         # The gradient (softmax - (1 - eps) * onehot - eps / V per kept row) is made here, from
         # the exponentials the loss needs anyway, and kept for the backward pass instead of the
         # logits: one pass over the (rows x vocabulary) matrix fewer, and no second exp.
@@ -47,6 +50,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         # factor: softmax entries down to ~2e-9 stay normal fp16 numbers (unscaled, those below
         # 6e-5 would lose precision and those below 6e-8 flush to zero). A power of two: exact.
         ctx.stored_scale = 2.0**15 if logits.dtype == torch.float16 else 1.0
+        row_factor = keep * ctx.stored_scale  # ignored rows get a zero gradient
         log_norm = torch.empty(rows, dtype=compute, device=logits.device)
         mean_score = torch.empty(rows, dtype=compute, device=logits.device)
         for start, end in _row_chunks(rows, vocab, elements):
@@ -64,19 +68,16 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
             log_norm[start:end] = total.log().add_(top.squeeze(1))
             if grad is None:
                 continue
-            row_keep = None if keep is None else keep[start:end]
-            scale = total.reciprocal_() if row_keep is None else row_keep / total
-            scores.mul_(scale.unsqueeze(1))  # the softmax; ignored rows become zero
+            factor = row_factor[start:end]
+            scores.mul_((factor / total).unsqueeze(1))  # the softmax
             if eps > 0:
-                scores.sub_(eps / vocab if row_keep is None else (eps / vocab) * row_keep.unsqueeze(1))
+                scores.sub_((eps / vocab) * factor.unsqueeze(1))
             index = torch.arange(end - start, device=logits.device)
-            scores[index, target[start:end]] -= 1 - eps if row_keep is None else (1 - eps) * row_keep
+            scores[index, target[start:end]] -= (1 - eps) * factor
             if not in_place:
-                grad[start:end] = scores if ctx.stored_scale == 1.0 else scores.mul_(ctx.stored_scale)
+                grad[start:end] = scores
         target_score = logits.gather(1, target.unsqueeze(1)).squeeze(1).to(compute)
-        row_nll, row_smooth = log_norm - target_score, log_norm - mean_score
-        if keep is not None:
-            row_nll, row_smooth = row_nll * keep, row_smooth * keep
+        row_nll, row_smooth = (log_norm - target_score) * keep, (log_norm - mean_score) * keep
         nll = row_nll.sum()
         loss = (1 - eps) * nll + eps * row_smooth.sum() if eps > 0 else nll.clone()
         ctx.save_for_backward(grad)  # freed after the backward pass unless the graph is retained
@@ -88,8 +89,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # out of place: a retained graph may run backward again. A 0-dim fp32 factor keeps the
         # gradient's dtype and multiplies in fp32 on the CPU.
-        factor = grad_loss if ctx.stored_scale == 1.0 else grad_loss / ctx.stored_scale
-        return grad * factor, None, None, None, None
+        return grad * (grad_loss / ctx.stored_scale), None, None, None, None
 
 
 def label_smoothed_nll(
