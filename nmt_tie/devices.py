@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from contextlib import nullcontext
 
 import torch
@@ -116,8 +117,58 @@ def release_free_memory(device: torch.device) -> None:
     bf16 training run grew by about 700 MB every 50 updates and never shrank (measured on
     Multi30k: 1,842 MB before a trim, 1,109 MB after). A trim took 15-60 ms here (a busy
     2-core machine), and the pages it returns are faulted in again when reused: callers trim
-    every few updates or batches, not every step.
+    when memory has grown (`HeapTrimmer`), not every step.
     Nothing happens on a GPU or without glibc."""
     libc = _glibc() if device.type == "cpu" else None
     if libc is not None:
         libc.malloc_trim(0)
+
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_mb() -> float | None:
+    """This process's resident memory in MB (Linux), else None."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * _PAGE_BYTES / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class HeapTrimmer:
+    """Trims the C heap (`release_free_memory`) when resident memory has grown by more than
+    `margin_mb` since the level it settled at after the last trim.
+
+    A trim every few updates cost training 1-2% in fp32 and ~5% in bf16 (the same batches
+    with and without it, alternated in one process), as every update's tensors are paged in
+    again after it; and fp32 training with bounded shapes does not grow at all (a run that
+    never trimmed peaked no higher). Growth is what bf16 leaves behind (see
+    `release_free_memory`): trimmed on growth, 250 bf16 updates trimmed 3-4 times instead
+    of 25 and peaked within 5% of trimming every 10 updates. The level is measured at the
+    first check after a trim, once the working set of a step is resident again.
+    Nothing happens on a GPU or without glibc and /proc."""
+
+    def __init__(self, device: torch.device, margin_mb: float = 64.0):
+        self.active = device.type == "cpu" and _glibc() is not None and resident_mb() is not None
+        self.device = device
+        self.margin_mb = margin_mb
+        self.level: float | None = None  # resident MB at the first check after a trim
+
+    def check(self) -> bool:
+        """Trim if memory grew by more than the margin; return whether it trimmed."""
+        if not self.active:
+            return False
+        resident = resident_mb()
+        if self.level is None or resident is None:
+            self.level = resident
+            return False
+        if resident <= self.level + self.margin_mb:
+            return False
+        self.trim()
+        return True
+
+    def trim(self) -> None:
+        """Trim now (after work that leaves much behind, such as a validation)."""
+        release_free_memory(self.device)
+        self.level = None

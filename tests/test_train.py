@@ -423,6 +423,32 @@ def test_free_heap_pages_go_back_to_the_system():
     assert len(kept) == 100
 
 
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc")
+def test_heap_is_trimmed_when_memory_grew_not_otherwise():
+    """The trainer's HeapTrimmer trims only after resident memory grew past its margin
+    since the level after the last trim: steady memory costs no trims (each makes the next
+    updates page their tensors in again), grown memory is given back."""
+    from nmt_tie.devices import HeapTrimmer, _glibc, resident_mb
+
+    if _glibc() is None:
+        pytest.skip("not glibc")
+    trimmer = HeapTrimmer(torch.device("cpu"), margin_mb=32)
+    assert trimmer.active
+    assert not trimmer.check()  # the first check only measures the level
+    steady = [torch.ones(1 << 18) for _ in range(20)]  # 20 MB: within the margin
+    assert not trimmer.check()
+    torch.ones(1 << 20).sum()  # glibc then serves blocks of this size from its heap
+    blocks = [torch.ones((1 << 18) + i) for i in range(200)]  # about 1 MB each, touched
+    kept = blocks[1::2]  # freed blocks lie between live ones: only a trim gives them back
+    del blocks
+    before = resident_mb()
+    assert trimmer.check()
+    assert before - resident_mb() > 50
+    assert trimmer.level is None and not trimmer.check()  # measures the new level
+    assert len(kept) == 100 and len(steady) == 20
+    assert not HeapTrimmer(torch.device("meta")).check()  # not a CPU: never trims
+
+
 def test_training_reuses_the_pages_of_large_tensors():
     """glibc maps blocks above 32 MB fresh from the kernel and unmaps them when freed: every
     update's logits and their gradient would be page-faulted in anew. The trainer has them

@@ -40,11 +40,11 @@ from torch.nn.parallel import DistributedDataParallel
 from nmt_tie.checkpoint import FORMAT, load_checkpoint, save_atomic
 from nmt_tie.config import TrainConfig, dump_configs, to_dict
 from nmt_tie.devices import (
+    HeapTrimmer,
     autocast_context,
     describe_precision,
     effective_dtype,
     keep_large_tensors_in_heap,
-    release_free_memory,
     resolve_device,
     set_tf32,
 )
@@ -57,8 +57,8 @@ from nmt_tie.training.optim import LRSchedule, build_optimizer
 from nmt_tie.training.runlock import RunDirLock
 
 HIGHER_IS_BETTER = {"bleu": True, "chrf": True, "loss": False, "ppl": False}
-# On a CPU, free heap pages go back to the system this often (and after every validation):
-# a trim took 15-60 ms here, a few % of an update; every 10 updates keeps that under 1%.
+# On a CPU, resident memory is checked this often; free heap pages go back to the system
+# when it has grown (HeapTrimmer) and after every validation.
 RELEASE_MEMORY_EVERY = 10
 
 
@@ -442,6 +442,7 @@ class Trainer:
         if self.dist.is_main:
             bar = progress_bar("train", total=cfg.max_updates or None, unit="upd", initial=self.update)
         window = LogWindow()
+        trimmer = HeapTrimmer(self.device)
         reason = self._stop_reason()
         try:
             while reason is None:
@@ -465,8 +466,10 @@ class Trainer:
                     self.log.write("save", {"update": self.update, "elapsed": round(self.elapsed(), 1)})
                 for hook in getattr(self, "after_update_hooks", []):
                     hook(self)
-                if self.update % RELEASE_MEMORY_EVERY == 0 or due:
-                    release_free_memory(self.device)
+                if due:
+                    trimmer.trim()
+                elif self.update % RELEASE_MEMORY_EVERY == 0:
+                    trimmer.check()
         finally:
             if bar is not None:
                 bar.close()
