@@ -59,7 +59,7 @@ class Ensemble:
             out = kept[:rows] if kept is not None and kept.size(0) >= rows else None
             logits, cache = model.decode_step(enc, prev, cache, out=out)
             logits = logits.float()  # no copy when written into `out`
-            if out is None:
+            if out is None and model.fills_out:
                 self._scores[i] = logits
             log_probs.append(torch.log_softmax(logits, dim=-1, out=logits))
             new_caches.append(cache)

@@ -129,6 +129,9 @@ class Translator(TextTranslator):
                 raise UserError(f"{path} and {paths[0]} differ in Moses pre-processing")
         device = torch.device(device)
         models = [load_model(p, device).eval() for p in payloads]
+        if device.type == "cpu" and dtype == "bf16":  # not fp32: see model/packed.py
+            for model in models:
+                model.pack_for_cpu_inference(torch.bfloat16)
         src, tgt = processors_from(first)
         return cls(models, src, tgt, options, device, dtype, warn)
 

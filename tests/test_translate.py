@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import math
@@ -20,6 +21,7 @@ from nmt_tie.checkpoint import average_checkpoints, load_checkpoint, load_model,
 from nmt_tie.data.prepare import PreparedData
 from nmt_tie.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from nmt_tie.evaluate import score
+from nmt_tie.model.packed import PackedLinear, packing_available
 from nmt_tie.model.seq2seq import EncoderDecoder, build_model, configure_for_data
 from nmt_tie.search import Ensemble, beam_search, best_candidates, greedy_search, max_lengths
 from nmt_tie.training.trainer import Trainer
@@ -134,6 +136,8 @@ class TableModel(torch.nn.Module):
     def decode_step(self, enc, prev, cache, out=None):
         return torch.index_select(self.log_table, 0, prev, out=out), {"steps": torch.zeros(prev.size(0))}
 
+    fills_out = True
+
     reorder = staticmethod(EncoderDecoder.reorder)
 
 
@@ -224,6 +228,63 @@ def test_ensemble_of_one_checkpoint_twice_equals_that_checkpoint(checkpoints, sm
     for a, b in zip(single, double, strict=True):
         assert [t for t, _ in a] == [t for t, _ in b]
         assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-4)
+
+
+needs_packing = pytest.mark.skipif(not packing_available(), reason="no oneDNN linear kernel in this PyTorch")
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_equals_linear_with_and_without_relu(dtype):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 40)
+    x = torch.randn(3, 7, 24)  # (rows, positions, features), as the decoder has them
+    packed = PackedLinear.of(linear, dtype)
+    with torch.no_grad():
+        reference = torch.nn.functional.linear(x.to(dtype), linear.weight.to(dtype), linear.bias.to(dtype))
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    assert packed(x).dtype == dtype and packed(x).shape == (3, 7, 40)
+    torch.testing.assert_close(packed(x).float(), reference.float(), **tolerance)
+    torch.testing.assert_close(packed(x, activation="relu").float(), reference.relu().float(), **tolerance)
+    assert not list(packed.parameters())  # copies for inference: nothing to train
+
+
+@needs_packing
+@pytest.mark.parametrize("arch", ["rnn", "transformer"])
+def test_a_model_packed_for_the_cpu_translates_as_before(arch):
+    """Packing changes the kernels, not the translations: the same hypotheses, scores equal
+    to 1e-4. The Transformer's linear layers and every output product are packed; the RNN
+    keeps its linear layers (its time loop reads their weights)."""
+    torch.manual_seed(8)
+    plain = build_model(tiny_config(arch)).eval()
+    packed = copy.deepcopy(plain)
+    assert packed.pack_for_cpu_inference(torch.float32)  # fp32: comparable to 1e-4
+    kinds = {type(module) for module in packed.modules()}
+    assert PackedLinear in kinds and (torch.nn.Linear in kinds) == (arch == "rnn")
+    assert packed.embeddings.packed_output is not None
+    sources = [torch.randint(4, 50, (n,)).tolist() for n in (3, 9, 5, 12, 1, 7, 4, 6)]
+    options = SearchOptions(beam=4, nbest=2, max_len_b=5)
+    before = Translator([plain], None, None, options).translate_ids(sources)
+    after = Translator([packed], None, None, options).translate_ids(sources)
+    for a, b in zip(before, after, strict=True):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
+
+
+@needs_packing
+def test_checkpoints_translated_in_bf16_on_the_cpu_are_packed(checkpoints, small_corpus):
+    ckpt, _, _ = checkpoints
+    lines = (small_corpus / "valid.en").read_text().splitlines()[:15]
+    bf16 = Translator.from_checkpoints([ckpt], SearchOptions(beam=3), dtype="bf16")
+    assert isinstance(bf16.ensemble.models[0].decoder.layers[0].ffn.up, PackedLinear)
+    assert bf16.ensemble.models[0].embeddings.packed_output is not None
+    fp32 = Translator.from_checkpoints([ckpt], SearchOptions(beam=3))
+    assert fp32.ensemble.models[0].embeddings.packed_output is None  # fp32 is not packed
+    model = load_model(load_checkpoint(ckpt)).eval()
+    plain = Translator([model], bf16.src, bf16.tgt, bf16.options, dtype="bf16")
+    for a, b in zip(bf16.translate(lines), plain.translate(lines), strict=True):
+        assert [text for text, _ in a] == [text for text, _ in b]
+        assert [score for _, score in a] == pytest.approx([score for _, score in b], abs=1e-2)
 
 
 def test_averaging_identical_checkpoints_returns_the_same_weights(checkpoints, tmp_path):

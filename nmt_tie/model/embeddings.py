@@ -28,6 +28,7 @@ from torch import nn
 
 from nmt_tie.data.tokenizer import PAD_ID
 from nmt_tie.devices import autocast_active
+from nmt_tie.model.packed import PackedLinear
 
 ROLES = ("encoder_input", "decoder_input", "output")
 
@@ -107,6 +108,7 @@ class TiedEmbeddings(nn.Module):
         self.projection = nn.Parameter(torch.eye(output_dim)) if projection else None
         has_bias = projection and projection_bias
         self.projection_bias = nn.Parameter(torch.zeros(output_dim)) if has_bias else None
+        self.packed_output: PackedLinear | None = None  # set for translation on a CPU
 
     def weight(self, role: str) -> nn.Parameter:
         """The matrix serving `role` (tied roles get the very same Parameter object)."""
@@ -124,11 +126,14 @@ class TiedEmbeddings(nn.Module):
         """Unnormalized scores over the target vocabulary: (h P + p) W_out^T + b.
 
         `out` (rows, vocabulary), when given, receives them: search writes every step's
-        scores into one buffer instead of a fresh tensor of several MB (see `Ensemble.step`)."""
+        scores into one buffer instead of a fresh tensor of several MB (see `Ensemble.step`);
+        not once the output product is packed (its kernel makes its own output)."""
         if self.projection is not None:
             hidden = hidden @ self.projection
         if self.projection_bias is not None:
             hidden = hidden + self.projection_bias
+        if self.packed_output is not None:
+            return self.packed_output(hidden)
         weight = self.weight("output")
         if out is None:
             return F.linear(hidden, weight, self.output_bias)
@@ -136,6 +141,11 @@ class TiedEmbeddings(nn.Module):
             # the product in another precision (autocast does not take out=), cast into out
             return out.copy_(F.linear(hidden, weight, self.output_bias))
         return torch.addmm(self.output_bias, hidden, weight.t(), out=out)
+
+    def pack_output_for_cpu(self, dtype: torch.dtype) -> None:
+        """Translation on a CPU: the output product with the output matrix packed once
+        (model/packed.py). A copy of it: the model is for inference from then on."""
+        self.packed_output = PackedLinear(self.weight("output").detach(), self.output_bias, dtype)
 
     def projection_penalty(self) -> torch.Tensor | None:
         """||P||_F^2, or None without projection regularization."""

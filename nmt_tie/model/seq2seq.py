@@ -18,6 +18,7 @@ from torch import nn
 from nmt_tie.config import ModelConfig
 from nmt_tie.data.tokenizer import PAD_ID
 from nmt_tie.model.embeddings import TiedEmbeddings
+from nmt_tie.model.packed import pack_linear_layers, packing_available
 from nmt_tie.model.rnn import BiGRUEncoder, ConditionalGRUDecoder
 from nmt_tie.model.transformer import KeyValueCache, TransformerDecoder, TransformerEncoder
 
@@ -64,9 +65,16 @@ class EncoderDecoder(nn.Module):
 
         rows may be a multiple of the encoder's batch: that many hypotheses per sentence, next
         to each other (beam search), all attending to their sentence's encoder output. The
-        logits are written into `out` (rows, vocab) when given."""
+        logits are written into `out` (rows, vocab) when given, unless the output product is
+        packed (`pack_for_cpu_inference`)."""
         hidden, cache = self.decoder.step(self.embeddings.embed("decoder_input", prev_tokens), enc, cache)
         return self.embeddings.logits(hidden, out), cache
+
+    @property
+    def fills_out(self) -> bool:
+        """Whether `decode_step` writes into the `out` it is given: not once the output
+        product is packed (its kernel makes its own output)."""
+        return self.embeddings.packed_output is None
 
     @staticmethod
     def reorder(tree: Any, index: torch.Tensor) -> Any:
@@ -83,6 +91,19 @@ class EncoderDecoder(nn.Module):
 
     def projection_penalty(self) -> torch.Tensor | None:
         return self.embeddings.projection_penalty()
+
+    def pack_for_cpu_inference(self, dtype: torch.dtype) -> bool:
+        """Pack the Transformer's linear layers and the output product for translation on a
+        CPU (model/packed.py); returns whether it did (not without PyTorch's oneDNN kernel).
+        The model is for inference from then on. The RNN keeps its linear layers (its time
+        loop reads their weights)."""
+        if not packing_available():
+            return False
+        for part in (self.encoder, self.decoder):
+            if isinstance(part, (TransformerEncoder, TransformerDecoder)):
+                pack_linear_layers(part, dtype)
+        self.embeddings.pack_output_for_cpu(dtype)
+        return True
 
 
 def build_model(config: ModelConfig) -> EncoderDecoder:

@@ -18,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nmt_tie.errors import UserError
 from nmt_tie.model.dropout import dropout, relu_dropout
+from nmt_tie.model.packed import PackedLinear
 
 EncoderOut = dict[str, torch.Tensor]
 GPU_ATTENTION_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -241,6 +242,8 @@ class FeedForward(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.up, PackedLinear):  # translation on a CPU: the product applies relu
+            return self.down(self.up(x, activation="relu"))
         return self.down(relu_dropout(self.up(x), self.dropout, self.training))
 
 
