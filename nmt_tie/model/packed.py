@@ -31,8 +31,9 @@ from torch import nn
 
 @functools.cache
 def packing_available() -> bool:
-    """Whether this PyTorch build has the oneDNN linear kernel (CPU builds with mkldnn)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether this PyTorch build has the oneDNN linear kernels (CPU builds with mkldnn)."""
+    kernels = ("_linear_pointwise", "_reorder_linear_weight")
+    return torch.backends.mkldnn.is_available() and all(hasattr(torch.ops.mkldnn, k) for k in kernels)
 
 
 # The row count oneDNN chooses the weight's layout for; any count works with it.
