@@ -400,18 +400,14 @@ def test_fp16_loss_gradient_keeps_small_probabilities_until_the_loss_scale_arriv
     torch.testing.assert_close(half.grad.float()[small], reference.grad[small], rtol=2e-3, atol=0)
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from /proc")
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc")
 def test_free_heap_pages_go_back_to_the_system():
     """Training and decoding on a CPU trim glibc's heap: memory freed between live blocks
     (what batches of many shapes leave behind) stops counting as resident."""
-    from nmt_tie.devices import _glibc, release_free_memory
+    from nmt_tie.devices import _glibc, release_free_memory, resident_mb
 
     if _glibc() is None:
         pytest.skip("not glibc")
-
-    def resident_mb() -> float:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS"))
-        return int(line.split()[1]) / 1024
 
     torch.ones(1 << 20).sum()  # freed at once: glibc then serves blocks this size from its heap
     blocks = [torch.ones((1 << 18) + i) for i in range(200)]  # about 1 MB each, touched
