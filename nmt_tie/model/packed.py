@@ -13,9 +13,14 @@ converged decoder-tied Transformer, old and new code in turn, twice: bf16 2,145 
 translations. Not in fp32: +4% (1,759 / 1,657 -> 1,837 / 1,719) for 90-175 MB more peak
 memory (oneDNN keeps fp32 kernels per shape, where MKL, fp32's default, keeps none; a packed
 output product also makes a fresh scores tensor every step instead of writing into search's
-kept buffer: another 130 MB). Products alone (fp32): 1,440 x 256 by 256 x 1,024 (the
-feed-forward layer) 3.97 -> 3.58 ms, 560 x 256 by 256 x 8,000 (an output layer) 13.9 ->
-11.3 ms; results equal to 3e-6.
+kept buffer: another 130 MB). Measured again later: warm (the same 1,000 lines translated
+again in one process, alternated) packing all fp32 layers gave 1.085x, the linear layers
+alone 1.06x; but one `nmt-tie translate` of those lines gained nothing (10.3 / 10.3 s
+packed, 10.2 / 10.9 s not), as oneDNN first builds an fp32 kernel per new shape (~2 ms
+each: a 1,000 x 256 by 256 x 1,024 product took 4.7 ms the first time, 2.7 ms after; MKL
+3.4-3.7 ms every time), and peaked 150-190 MB higher. Products alone (fp32): 1,440 x 256 by
+256 x 1,024 (the feed-forward layer) 3.97 -> 3.58 ms, 560 x 256 by 256 x 8,000 (an output
+layer) 13.9 -> 11.3 ms; results equal to 3e-6.
 
 The packed weights are copies for inference: a packed model is not for training (its
 linear layers have no parameters left).
