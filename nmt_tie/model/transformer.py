@@ -149,7 +149,8 @@ class KeyValueCache:
         capacity = self.length + max(8, self.length // 2)
         dtype = torch.float32 if like.device.type == "cpu" else like.dtype
         shape = (like.size(0), like.size(1), capacity, like.size(3))
-        keys, values = (like.new_empty(shape, dtype=dtype) for _ in "kv")
+        # zeros: `attend` multiplies the whole buffer, and 0 weights times garbage could be NaN
+        keys, values = (like.new_zeros(shape, dtype=dtype) for _ in "kv")
         if self.keys is not None:
             keys[:, :, : self.length] = self.keys[:, :, : self.length]
             values[:, :, : self.length] = self.values[:, :, : self.length]
@@ -164,12 +165,20 @@ class KeyValueCache:
         products. fp32, not bf16 products: oneDNN would build and keep a bf16 kernel for
         every (rows, length) pair a translation meets (100,000 lines from a pipe peaked at
         845-1,067 MB instead of 650), while fp32 products keep nothing.
+
+        The products take the whole buffers, the positions not yet written masked out of the
+        softmax (their values are zeros): a product over the filled part, a slice of each
+        row's block, first copied that part (1,440 rows, 14 of 16 positions: 1.7 ms for the
+        scores against 0.4 ms from whole buffers). Test2016, old and new in turn in one
+        process: fp32 beam 5 1.022x, greedy 1.025x, bf16 beam 5 1.047x, the same translations.
         """
-        keys, values = self.filled()
         if q.device.type != "cpu":
-            return attention(q, keys, values)
+            return attention(q, *self.filled())
         with torch.autocast("cpu", enabled=False):
-            return _explicit_attention(q.float(), keys, values, None, False, 0.0).to(q.dtype)
+            scores = q.float() @ self.keys.transpose(-1, -2)
+            scores[..., self.length :] = -math.inf
+            weights = torch.softmax(scores.mul_(q.size(-1) ** -0.5), dim=-1)
+            return (weights @ self.values).to(q.dtype)
 
     def reorder(self, index: torch.Tensor) -> KeyValueCache:
         """Keep rows `index` (beam search), in place: the old order is not needed again."""
