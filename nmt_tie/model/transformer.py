@@ -149,11 +149,14 @@ class KeyValueCache:
         capacity = self.length + max(8, self.length // 2)
         dtype = torch.float32 if like.device.type == "cpu" else like.dtype
         shape = (like.size(0), like.size(1), capacity, like.size(3))
-        # zeros: `attend` multiplies the whole buffer, and 0 weights times garbage could be NaN
-        keys, values = (like.new_zeros(shape, dtype=dtype) for _ in "kv")
+        keys, values = (like.new_empty(shape, dtype=dtype) for _ in "kv")
         if self.keys is not None:
             keys[:, :, : self.length] = self.keys[:, :, : self.length]
             values[:, :, : self.length] = self.values[:, :, : self.length]
+        # zeros past the filled part: `attend` multiplies the whole buffer, and 0 weights
+        # times garbage could be NaN
+        keys[:, :, self.length :].zero_()
+        values[:, :, self.length :].zero_()
         self.keys, self.values, self._spare = keys, values, None
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
@@ -175,6 +178,8 @@ class KeyValueCache:
         if q.device.type != "cpu":
             return attention(q, *self.filled())
         with torch.autocast("cpu", enabled=False):
+            # `_explicit_attention` with a key mask, but masked in place: its out-of-place
+            # masking cost fp32 beam 5 ~1.2%
             scores = q.float() @ self.keys.transpose(-1, -2)
             scores[..., self.length :] = -math.inf
             weights = torch.softmax(scores.mul_(q.size(-1) ** -0.5), dim=-1)
