@@ -98,7 +98,8 @@ class TrainConfig:
     seed: int = 1
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "fp32"  # fp32 | bf16 | fp16 (fp16 with loss scaling; bf16 becomes fp16 on GPUs
-    #                      without fast bf16, before Ampere); the log says which is in effect
+    #                      without fast bf16, before Ampere, and fp32 on CPUs with neither
+    #                      AVX512-BF16 nor AMX); the log says which is in effect
     tf32: bool = True  # dtype fp32 on Ampere/Hopper GPUs: TF32 tensor-core matrix products
     threads: int = 0  # CPU threads for torch; 0 = all cores
     compile: bool = False  # torch.compile the model

@@ -102,19 +102,22 @@ class Translator(TextTranslator):
     ):
         import torch
 
-        from nmt_tie.devices import effective_dtype
+        from nmt_tie.devices import describe_precision, effective_dtype
         from nmt_tie.search import Ensemble
 
         super().__init__(src, tgt, options, warn)
         self.ensemble = Ensemble(models)
         self.device = torch.device(device)
         self.dtype = effective_dtype(self.device, dtype)
+        if self.dtype != dtype:
+            self.warn(describe_precision(self.device, dtype, self.dtype, tf32=False))
 
     @classmethod
     def from_checkpoints(cls, paths: list, options=None, device="cpu", dtype="fp32", warn=None):
         import torch
 
         from nmt_tie.checkpoint import load_checkpoint, load_model, processors_from
+        from nmt_tie.devices import effective_dtype
 
         payloads = [load_checkpoint(p) for p in paths]
         for path, payload in zip(paths, payloads, strict=True):
@@ -129,7 +132,7 @@ class Translator(TextTranslator):
                 raise UserError(f"{path} and {paths[0]} differ in Moses pre-processing")
         device = torch.device(device)
         models = [load_model(p, device).eval() for p in payloads]
-        if device.type == "cpu" and dtype == "bf16":  # not fp32: see model/packed.py
+        if device.type == "cpu" and effective_dtype(device, dtype) == "bf16":  # not fp32: model/packed.py
             for model in models:
                 model.pack_for_cpu_inference(torch.bfloat16)
         src, tgt = processors_from(first)

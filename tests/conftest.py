@@ -14,6 +14,15 @@ from nmt_tie.data.locations import data_root
 from nmt_tie.data.text import read_lines
 
 
+@pytest.fixture
+def native_cpu_bf16(monkeypatch):
+    """Tests of the CPU's bf16 paths run them whatever this CPU has: without AVX512-BF16 or AMX,
+    `dtype: bf16` on the CPU becomes fp32 (`devices.effective_dtype`), but the paths still work."""
+    from nmt_tie import devices
+
+    monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: True)
+
+
 @pytest.fixture(scope="session")
 def corpora() -> Path:
     return data_root()

@@ -6,6 +6,7 @@ synchronizations, device selection, precision in effect."""
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -246,18 +247,26 @@ def test_an_update_synchronizes_with_the_device_once(tmp_path, data_dir, monkeyp
 # --- 6. validation in its own precision ------------------------------------------------------
 
 
-def test_validation_runs_in_valid_dtype_not_in_the_training_autocast(tmp_path, data_dir, monkeypatch):
+def test_validation_runs_in_valid_dtype_not_in_the_training_autocast(
+    tmp_path, data_dir, monkeypatch, native_cpu_bf16
+):
     trainer = make_trainer(tmp_path, data_dir, "run", dtype="bf16", max_updates=2, valid_every=2)
     seen = []
-    real_validate = trainer.task.validate
+    real_validate, real_step = trainer.task.validate, trainer.train_step
 
     def validate(model, run_dir):
-        seen.append(torch.is_autocast_enabled("cpu"))
+        seen.append(("valid", torch.is_autocast_enabled("cpu")))
         return real_validate(model, run_dir)
 
+    def train_step():
+        with trainer.autocast:
+            seen.append(("train", torch.is_autocast_enabled("cpu")))
+        return real_step()
+
     monkeypatch.setattr(trainer.task, "validate", validate)
+    monkeypatch.setattr(trainer, "train_step", train_step)
     trainer.run()
-    assert seen == [False]
+    assert seen == [("train", True), ("train", True), ("valid", False)]
     setup = next(r for r in read_log(tmp_path / "run") if r["type"] == "setup")
     assert setup["dtype"] == "bf16" and setup["valid_dtype"] == "fp32"
 
@@ -275,7 +284,26 @@ def test_bf16_becomes_fp16_on_a_gpu_without_fast_bf16(monkeypatch):
     assert "no fast bf16" in devices.describe_precision(gpu, "bf16", "fp16", True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert devices.effective_dtype(gpu, "bf16") == "bf16"
-    assert devices.effective_dtype(torch.device("cpu"), "bf16") == "bf16"
+
+
+def test_bf16_becomes_fp32_on_a_cpu_without_native_bf16(monkeypatch, capsys):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: False)
+    assert devices.effective_dtype(cpu, "bf16") == "fp32"
+    assert devices.effective_dtype(cpu, "fp16") == "fp16"  # asked for by name: slow, but asked
+    line = devices.describe_precision(cpu, "bf16", "fp32", True)
+    assert line == "precision: fp32 on cpu (asked for bf16: this CPU has no AVX512-BF16 or AMX)"
+    monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: True)
+    assert devices.effective_dtype(cpu, "bf16") == "bf16"
+
+
+def test_the_cpu_bf16_probe_answers_from_the_cpu_flags():
+    devices.cpu_has_fast_bf16.cache_clear()
+    answer = devices.cpu_has_fast_bf16()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if platform.machine() == "x86_64" and flags:
+        native = any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+        assert answer == native
 
 
 # --- 7. GPU selection ------------------------------------------------------------------------

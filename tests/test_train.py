@@ -244,12 +244,13 @@ def test_run_directory_holds_config_logs_tensorboard_and_checkpoints(tmp_path, d
 
 
 @pytest.mark.parametrize("cpu_attention", ["bf16", "fp32", None])
-def test_bf16_autocast_trains_on_the_cpu(tmp_path, data_dir, cpu_attention, monkeypatch):
+def test_bf16_autocast_trains_on_the_cpu(tmp_path, data_dir, cpu_attention, monkeypatch, native_cpu_bf16):
     from nmt_tie.model import transformer
 
     monkeypatch.setattr(transformer, "_cpu_bf16_attention", "bf16")  # restored after the test
     chosen = {} if cpu_attention is None else {"cpu_attention": cpu_attention}
     trainer = make_trainer(tmp_path, data_dir, "run", dtype="bf16", max_updates=10, **chosen)
+    assert trainer.precision == "bf16"
     # training's default is fp32 attention (flat memory), decoding's bf16 products
     assert transformer._cpu_bf16_attention == (cpu_attention or "fp32")
     summary = trainer.run()

@@ -272,7 +272,7 @@ def test_a_model_packed_for_the_cpu_translates_as_before(arch):
 
 
 @needs_packing
-def test_checkpoints_translated_in_bf16_on_the_cpu_are_packed(checkpoints, small_corpus):
+def test_checkpoints_translated_in_bf16_on_the_cpu_are_packed(checkpoints, small_corpus, native_cpu_bf16):
     ckpt, _, _ = checkpoints
     lines = (small_corpus / "valid.en").read_text().splitlines()[:15]
     bf16 = Translator.from_checkpoints([ckpt], SearchOptions(beam=3), dtype="bf16")

@@ -121,8 +121,14 @@ def nmt_tie(data: Path, work: Path, updates: int, skip: int, dtype: str, threads
     rss = timed(command, stdout=subprocess.DEVNULL)
     records = [json.loads(line) for line in (save_dir / "log.jsonl").read_text().splitlines()]
     train = [r for r in records if r["type"] == "train" and r["update"] > skip]
+    # bf16 runs in fp32 on a CPU without native bf16: the setup record says what ran
+    used = next(r["dtype"] for r in records if r["type"] == "setup")
     # tokens_per_s is per logging window of 10 updates: the mean over windows, as fairseq's wps
-    return {"tokens_per_s": statistics.mean(r["tokens_per_s"] for r in train), "peak_rss_mb": rss}
+    return {
+        "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in train),
+        "peak_rss_mb": rss,
+        "dtype": used,
+    }
 
 
 def main() -> None:
@@ -161,11 +167,14 @@ def main() -> None:
             results[name].append(result)
             print(f"round {round_index + 1}", name, json.dumps(result), flush=True)
     base = [r["tokens_per_s"] for r in results["fairseq fp32"]]
-    print(f"\n{'':<14}{'target tok/s':>14}{'vs fairseq':>12}{'peak RSS MB':>13}  ratio per round")
+    print(f"\n{'':<20}{'target tok/s':>14}{'vs fairseq':>12}{'peak RSS MB':>13}  ratio per round")
     for name, runs in results.items():
         ratios = [r["tokens_per_s"] / b for r, b in zip(runs, base, strict=True)]
+        used = runs[0].get("dtype")
+        if used and not name.endswith(used):
+            name = f"{name}->{used}"
         print(
-            f"{name:<14}{statistics.median(r['tokens_per_s'] for r in runs):>14,.0f}"
+            f"{name:<20}{statistics.median(r['tokens_per_s'] for r in runs):>14,.0f}"
             f"{statistics.median(ratios):>11.2f}x{max(r['peak_rss_mb'] for r in runs):>13,.0f}  "
             + " ".join(f"{x:.3f}" for x in ratios)
         )

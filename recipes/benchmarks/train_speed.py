@@ -142,12 +142,13 @@ def measure(
             rounds.append((sum(tokens) / sum(times), times, tokens))
     _, times, tokens = max(rounds, key=lambda r: r[0])
     seconds = sum(times)
-    peak = matmul_peak(dtype, device)
+    used = trainer.precision  # bf16 becomes fp32 on a CPU without native bf16 (devices.py)
+    peak = matmul_peak(used, device)
     median = statistics.median(times)
     return {
         "model": model,
         "vocab": trainer.model.embeddings.weight("output").size(0),
-        "dtype": dtype + ("+compile" if compile_on else ""),
+        "dtype": (dtype if used == dtype else f"{dtype}->{used}") + ("+compile" if compile_on else ""),
         "device": device,
         "graphs_after_warmup": graphs_after_warmup,
         "graphs_at_end": compiled_graph_count(),

@@ -72,7 +72,7 @@ def measure(
         if threads:
             torch.set_num_threads(threads)
         translator = Translator.from_checkpoints(
-            [Path(model)], options, device=device, dtype=engine.split("-")[1]
+            [Path(model)], options, device=device, dtype=engine.split("-")[1], warn=lambda m: None
         )
     else:
         from nmt_tie.deploy import EXPORT_MAX_TOKENS, ExportedTranslator
@@ -109,6 +109,8 @@ def measure(
         gpu_mb = torch.cuda.max_memory_allocated() / 2**20
     return {
         "seconds": seconds,
+        # bf16 runs in fp32 on a CPU without native bf16 (devices.effective_dtype)
+        "dtype": getattr(translator, "dtype", None),
         "pieces": sum(len(t) + 1 for t in ids),
         "hypotheses": hypotheses,
         "gpu_peak_mb": gpu_mb,
@@ -135,6 +137,12 @@ def run_row(engine: str, model: str, beam: int, max_tokens: int, threads: int, d
         result = json.loads(Path(out.name).read_text())
     result["peak_rss_mb"] = usage.ru_maxrss / 1024
     return result
+
+
+def label(engine: str, row: dict) -> str:
+    """The engine, and the precision that ran where it is not the one asked for."""
+    used = row.get("dtype")
+    return engine if not used or engine.endswith(used) else f"{engine}->{used}"
 
 
 def gpu_column(megabytes: float | None) -> str:
@@ -236,7 +244,7 @@ def main() -> None:
                 )
                 search = "greedy" if beam == 1 else f"beam {beam}"
                 print(
-                    f"{name:<28}{engine:<16}{search:<8}{row['pieces'] / row['seconds']:>9.0f}"
+                    f"{name:<28}{label(engine, row):<16}{search:<8}{row['pieces'] / row['seconds']:>9.0f}"
                     f"{len(lines) / row['seconds']:>8.1f}{row['peak_rss_mb']:>8.0f}{bleu.score:>7.2f}"
                     f"{bleu.sys_len / bleu.ref_len:>7.3f}{same:>7}{disk_bytes(models[engine]) / 1e6:>11.1f}"
                     + (gpu_column(row["gpu_peak_mb"]) if on_gpu else ""),
