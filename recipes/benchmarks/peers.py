@@ -148,15 +148,23 @@ def main() -> None:
         help="run the three jobs this many times in turn; each ratio is to the fairseq job of its own "
         "round (a shared machine's speed drifts by several % over minutes), the table gives medians",
     )
+    parser.add_argument(
+        "--dtypes",
+        default="fp32,bf16",
+        help="nmt-tie's precisions (bf16 runs in fp32 on a CPU without native bf16: leave it out there)",
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="nmt-tie-peers-"))
+
+    def nmt_tie_job(dtype: str):
+        return lambda: nmt_tie(args.data, work, args.updates, args.skip, dtype, args.threads)
+
     jobs = [
         (
             "fairseq fp32",
             lambda: fairseq(args.fairseq_venv, args.data, work, args.updates, args.skip, args.threads),
         ),
-        ("nmt-tie fp32", lambda: nmt_tie(args.data, work, args.updates, args.skip, "fp32", args.threads)),
-        ("nmt-tie bf16", lambda: nmt_tie(args.data, work, args.updates, args.skip, "bf16", args.threads)),
+        *((f"nmt-tie {dtype}", nmt_tie_job(dtype)) for dtype in args.dtypes.split(",")),
     ]
     results: dict[str, list[dict]] = {name: [] for name, _ in jobs}
     for round_index in range(args.rounds):
