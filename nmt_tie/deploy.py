@@ -310,6 +310,15 @@ class ExportedTranslator(TextTranslator):
         if device == "auto":
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
         device_type, _, index = str(device).partition(":")
+        supported = ctranslate2.get_supported_compute_types(device_type, int(index or 0))
+        if compute_type != "default" and compute_type not in supported:
+            # as the PyTorch path (devices.effective_dtype): a CPU without native bf16 runs fp32
+            fallback = COMPUTE_TYPES["fp32"][1 if quantized else 0]
+            self.warn(
+                f"{directory}: CTranslate2 has no efficient {compute_type} on this {device_type}; "
+                f"running {fallback}"
+            )
+            compute_type = fallback
         self.engine = ctranslate2.Translator(
             str(directory),
             device=device_type,

@@ -238,6 +238,22 @@ def test_exports_refuse_what_ctranslate2_cannot_do(prepared, tmp_path, capsys, m
     assert code == 2 and "pip install 'nmt-tie[ctranslate2]'" in err
 
 
+def test_an_export_asked_for_a_precision_the_device_lacks_runs_fp32(prepared, tmp_path, monkeypatch):
+    import ctranslate2
+
+    checkpoint, _ = random_checkpoint(tmp_path / "t.pt", prepared["joint"])
+    export_ctranslate2(checkpoint, tmp_path / "export")
+    # as on a CPU without native bf16 (CTranslate2 would refuse int8_bfloat16 with a traceback)
+    monkeypatch.setattr(ctranslate2, "get_supported_compute_types", lambda *a: {"float32", "int8_float32"})
+    warnings = []
+    translator = ExportedTranslator(tmp_path / "export", dtype="bf16", threads=1, warn=warnings.append)
+    assert translator.engine.compute_type == "float32"
+    assert len(warnings) == 1 and "no efficient bfloat16" in warnings[0] and "running float32" in warnings[0]
+    warnings.clear()
+    ExportedTranslator(tmp_path / "export", dtype="fp32", threads=1, warn=warnings.append)
+    assert warnings == []
+
+
 def test_compare_reports_the_shipped_size_of_a_runs_export(trained, capsys):
     from nmt_tie.compare import compare
 
