@@ -216,7 +216,7 @@ def main() -> None:
     export_dir = args.exports or Path(tempfile.mkdtemp(prefix="nmt-tie-exports-"))
     on_gpu = args.device.startswith("cuda")
     header = (
-        f"{'model':<28}{'engine':<16}{'search':<8}{'pieces/s':>9}{'sent/s':>8}{'RSS MB':>8}"
+        f"{'model':<28}{'engine':<20}{'search':<8}{'pieces/s':>9}{'sent/s':>8}{'RSS MB':>8}"
         f"{'BLEU':>7}{'ratio':>7}{'same':>7}{'MB on disk':>11}" + (f"{'GPU MB':>8}" if on_gpu else "")
     )
     print(header, flush=True)
@@ -244,7 +244,7 @@ def main() -> None:
                 )
                 search = "greedy" if beam == 1 else f"beam {beam}"
                 print(
-                    f"{name:<28}{label(engine, row):<16}{search:<8}{row['pieces'] / row['seconds']:>9.0f}"
+                    f"{name:<28}{label(engine, row):<20}{search:<8}{row['pieces'] / row['seconds']:>9.0f}"
                     f"{len(lines) / row['seconds']:>8.1f}{row['peak_rss_mb']:>8.0f}{bleu.score:>7.2f}"
                     f"{bleu.sys_len / bleu.ref_len:>7.3f}{same:>7}{disk_bytes(models[engine]) / 1e6:>11.1f}"
                     + (gpu_column(row["gpu_peak_mb"]) if on_gpu else ""),
