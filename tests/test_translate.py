@@ -271,6 +271,31 @@ def test_a_model_packed_for_the_cpu_translates_as_before(arch):
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["rnn", "transformer"])
+def test_the_output_bias_folded_into_the_product_translates_as_before(arch):
+    """fp32 translation on a CPU multiplies [hidden, 1] by [W, b]: the same scores as
+    addmm's, so the same hypotheses."""
+    torch.manual_seed(9)
+    plain = build_model(tiny_config(arch)).eval()
+    with torch.no_grad():
+        plain.embeddings.output_bias.normal_(std=2.0)  # one that matters: it starts at zero
+    folded = copy.deepcopy(plain)
+    folded.embeddings.fold_output_bias_for_cpu()
+    hidden = torch.randn(7, plain.embeddings.weight("output").size(1))
+    vocab = plain.embeddings.output_bias.numel()
+    with torch.no_grad():
+        expected = plain.embeddings.logits(hidden, out=torch.empty(7, vocab))
+        got = folded.embeddings.logits(hidden, out=torch.full((7, vocab), math.nan))
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
+    sources = [torch.randint(4, 50, (n,)).tolist() for n in (3, 9, 5, 12, 1, 7, 4, 6)]
+    options = SearchOptions(beam=4, nbest=2, max_len_b=5)
+    before = Translator([plain], None, None, options).translate_ids(sources)
+    after = Translator([folded], None, None, options).translate_ids(sources)
+    for a, b in zip(before, after, strict=True):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)
+
+
 @needs_packing
 def test_checkpoints_translated_in_bf16_on_the_cpu_are_packed(checkpoints, small_corpus, native_cpu_bf16):
     ckpt, _, _ = checkpoints
@@ -280,6 +305,7 @@ def test_checkpoints_translated_in_bf16_on_the_cpu_are_packed(checkpoints, small
     assert bf16.ensemble.models[0].embeddings.packed_output is not None
     fp32 = Translator.from_checkpoints([ckpt], SearchOptions(beam=3))
     assert fp32.ensemble.models[0].embeddings.packed_output is None  # fp32 is not packed
+    assert fp32.ensemble.models[0].embeddings.output_with_bias is not None  # but its bias is folded
     model = load_model(load_checkpoint(ckpt)).eval()
     plain = Translator([model], bf16.src, bf16.tgt, bf16.options, dtype="bf16")
     for a, b in zip(bf16.translate(lines), plain.translate(lines), strict=True):
