@@ -132,12 +132,13 @@ class Translator(TextTranslator):
                 raise UserError(f"{path} and {paths[0]} differ in Moses pre-processing")
         device = torch.device(device)
         models = [load_model(p, device).eval() for p in payloads]
-        used = effective_dtype(device, dtype)
-        for model in models if device.type == "cpu" else []:
-            if used == "bf16":  # not fp32: model/packed.py
-                model.pack_for_cpu_inference(torch.bfloat16)
-            elif used == "fp32":
-                model.embeddings.fold_output_bias_for_cpu()
+        if device.type == "cpu":
+            used = effective_dtype(device, dtype)
+            for model in models:
+                if used == "bf16":  # not fp32: model/packed.py
+                    model.pack_for_cpu_inference(torch.bfloat16)
+                elif used == "fp32":
+                    model.embeddings.fold_output_bias_for_cpu()
         src, tgt = processors_from(first)
         return cls(models, src, tgt, options, device, dtype, warn)
 

@@ -286,7 +286,7 @@ def test_bf16_becomes_fp16_on_a_gpu_without_fast_bf16(monkeypatch):
     assert devices.effective_dtype(gpu, "bf16") == "bf16"
 
 
-def test_bf16_becomes_fp32_on_a_cpu_without_native_bf16(monkeypatch, capsys):
+def test_bf16_becomes_fp32_on_a_cpu_without_native_bf16(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: False)
     assert devices.effective_dtype(cpu, "bf16") == "fp32"

@@ -249,6 +249,18 @@ def test_packed_linear_equals_linear_with_and_without_relu(dtype):
     assert not list(packed.parameters())  # copies for inference: nothing to train
 
 
+def assert_same_beam_search(plain, changed, score_tolerance: float) -> None:
+    """Beam search (2-best) on random sources finds the same hypotheses with both models,
+    their scores equal to `score_tolerance`."""
+    sources = [torch.randint(4, 50, (n,)).tolist() for n in (3, 9, 5, 12, 1, 7, 4, 6)]
+    options = SearchOptions(beam=4, nbest=2, max_len_b=5)
+    before = Translator([plain], None, None, options).translate_ids(sources)
+    after = Translator([changed], None, None, options).translate_ids(sources)
+    for a, b in zip(before, after, strict=True):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=score_tolerance)
+
+
 @needs_packing
 @pytest.mark.parametrize("arch", ["rnn", "transformer"])
 def test_a_model_packed_for_the_cpu_translates_as_before(arch):
@@ -262,13 +274,7 @@ def test_a_model_packed_for_the_cpu_translates_as_before(arch):
     kinds = {type(module) for module in packed.modules()}
     assert PackedLinear in kinds and (torch.nn.Linear in kinds) == (arch == "rnn")
     assert packed.embeddings.packed_output is not None
-    sources = [torch.randint(4, 50, (n,)).tolist() for n in (3, 9, 5, 12, 1, 7, 4, 6)]
-    options = SearchOptions(beam=4, nbest=2, max_len_b=5)
-    before = Translator([plain], None, None, options).translate_ids(sources)
-    after = Translator([packed], None, None, options).translate_ids(sources)
-    for a, b in zip(before, after, strict=True):
-        assert [h.tokens for h in a] == [h.tokens for h in b]
-        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
+    assert_same_beam_search(plain, packed, score_tolerance=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["rnn", "transformer"])
@@ -287,13 +293,7 @@ def test_the_output_bias_folded_into_the_product_translates_as_before(arch):
         expected = plain.embeddings.logits(hidden, out=torch.empty(7, vocab))
         got = folded.embeddings.logits(hidden, out=torch.full((7, vocab), math.nan))
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
-    sources = [torch.randint(4, 50, (n,)).tolist() for n in (3, 9, 5, 12, 1, 7, 4, 6)]
-    options = SearchOptions(beam=4, nbest=2, max_len_b=5)
-    before = Translator([plain], None, None, options).translate_ids(sources)
-    after = Translator([folded], None, None, options).translate_ids(sources)
-    for a, b in zip(before, after, strict=True):
-        assert [h.tokens for h in a] == [h.tokens for h in b]
-        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)
+    assert_same_beam_search(plain, folded, score_tolerance=1e-5)
 
 
 @needs_packing
