@@ -301,6 +301,12 @@ def _add_translate(sub) -> None:
         choices=["fp32", "bf16", "fp16"],
         help="compute precision (default: fp32 for a checkpoint, the export's own for an export)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode through torch.compile'd decoder steps (Transformer checkpoints): a minute "
+        "or two of compiling first, then a few percent faster on a CPU; for long inputs",
+    )
     p.set_defaults(handler=_run_translate)
 
 
@@ -329,14 +335,21 @@ def _run_translate(args) -> None:
         max_src_len=args.max_src_len,
     )
     if exports:
+        if args.compile:
+            raise UserError(f"{exports[0]}: --compile is for checkpoints (an export runs in CTranslate2)")
         translator = ExportedTranslator(exports[0], options, args.device, args.dtype)
     else:
         from nmt_tie.devices import resolve_device
 
         translator = Translator.from_checkpoints(
-            args.checkpoint, options, resolve_device(args.device), args.dtype or "fp32"
+            args.checkpoint, options, resolve_device(args.device), args.dtype or "fp32", compile=args.compile
         )
     translate_stream(translator, args.input, args.output, args.buffer_lines)
+    if args.compile:
+        from nmt_tie.devices import compiled_graph_count
+
+        # constant from the second batch on; one that grows means recompilation
+        print(f"compiled graphs: {compiled_graph_count()}", file=sys.stderr)
 
 
 def _add_export(sub) -> None:

@@ -96,6 +96,16 @@ def describe_precision(device: torch.device, requested: str, used: str, tf32: bo
     return f"precision: {what} on {device}{note}"
 
 
+def compiled_graph_count() -> int:
+    """Graphs torch.compile has built in this process so far (0 without compile). Compiled
+    training builds one for the first batch shape and one with dynamic sizes at the second,
+    compiled decoding (`translate --compile`) one for the first position and one or two with
+    dynamic sizes; a count that keeps growing means recompilation (TORCH_LOGS=recompiles)."""
+    from torch._dynamo.utils import counters  # no public counter in PyTorch yet
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 @functools.cache
 def _glibc():
     try:

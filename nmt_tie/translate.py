@@ -113,7 +113,12 @@ class Translator(TextTranslator):
             self.warn(describe_precision(self.device, dtype, self.dtype, tf32=False))
 
     @classmethod
-    def from_checkpoints(cls, paths: list, options=None, device="cpu", dtype="fp32", warn=None):
+    def from_checkpoints(
+        cls, paths: list, options=None, device="cpu", dtype="fp32", warn=None, compile: bool = False
+    ):
+        """`compile`: decode through torch.compile'd decoder steps (Transformers; see
+        `EncoderDecoder.compile_decoding`). It compiles for a minute or two at the start and
+        pays only on long inputs (README, Speed)."""
         import torch
 
         from nmt_tie.checkpoint import load_checkpoint, load_model, processors_from
@@ -132,15 +137,26 @@ class Translator(TextTranslator):
                 raise UserError(f"{path} and {paths[0]} differ in Moses pre-processing")
         device = torch.device(device)
         models = [load_model(p, device).eval() for p in payloads]
+        eager = []  # asked to compile, but decoding eagerly (RNNs)
+        for path, model in zip(paths, models, strict=True):
+            if compile and not model.compile_decoding():
+                eager.append(path)
         if device.type == "cpu":
             used = effective_dtype(device, dtype)
             for model in models:
-                if used == "bf16":  # not fp32: model/packed.py
+                # not fp32 (model/packed.py), and not under torch.compile: it cannot see
+                # into the packed kernels, and does its own
+                if used == "bf16" and not compile:
                     model.pack_for_cpu_inference(torch.bfloat16)
                 elif used == "fp32":
                     model.embeddings.fold_output_bias_for_cpu()
         src, tgt = processors_from(first)
-        return cls(models, src, tgt, options, device, dtype, warn)
+        translator = cls(models, src, tgt, options, device, dtype, warn)
+        for path in eager:
+            translator.warn(
+                f"{path}: only a Transformer's decoding step compiles; this model decodes eagerly"
+            )
+        return translator
 
     def _search(self, src: torch.Tensor) -> list[list]:
         from nmt_tie.devices import autocast_context

@@ -296,6 +296,40 @@ def test_the_output_bias_folded_into_the_product_translates_as_before(arch):
     assert_same_beam_search(plain, folded, score_tolerance=1e-5)
 
 
+def test_compiled_decoding_translates_as_eager_and_stops_recompiling():
+    """`translate --compile`: the Transformer's decoder steps through torch.compile find the
+    eager hypotheses, greedy and beam; after the first batches, sentences of other counts and
+    lengths (other rows, source lengths, cache sizes, positions) compile nothing new. A new
+    model of the same shape reuses the graphs. The RNN does not compile."""
+    from nmt_tie.devices import compiled_graph_count
+
+    torch._dynamo.reset()
+    before = compiled_graph_count()  # reset() keeps the counters of graphs compiled earlier
+    torch.manual_seed(10)
+    plain = build_model(tiny_config("transformer")).eval()
+    compiled = copy.deepcopy(plain)
+    assert compiled.compile_decoding() and compiled_graph_count() == before
+
+    def same_search(sources: list, beam: int) -> None:
+        options = SearchOptions(beam=beam, max_len_b=6)
+        expected = Translator([plain], None, None, options).translate_ids(sources)
+        got = Translator([compiled], None, None, options).translate_ids(sources)
+        assert [h[0].tokens for h in got] == [h[0].tokens for h in expected]
+        assert [h[0].score for h in got] == pytest.approx([h[0].score for h in expected], abs=1e-4)
+
+    for beam, lengths in ((4, (3, 9, 5)), (1, (3, 9, 5, 12, 1, 7, 4, 6)), (3, (14, 2, 8, 11, 6))):
+        same_search([torch.randint(4, 50, (n,)).tolist() for n in lengths], beam)
+    warm = compiled_graph_count()
+    assert 1 <= warm - before <= 12
+    for beam, lengths in ((1, (10, 4, 1, 13, 2, 6, 8)), (3, (5, 1)), (4, (2, 15, 7))):
+        same_search([torch.randint(4, 50, (n,)).tolist() for n in lengths], beam)
+    other = build_model(tiny_config("transformer")).eval()
+    assert other.compile_decoding()
+    Translator([other], None, None, SearchOptions(beam=2)).translate_ids([[5, 6, 7], [8, 9]])
+    assert compiled_graph_count() == warm
+    assert not build_model(tiny_config("rnn")).compile_decoding()
+
+
 @needs_packing
 def test_checkpoints_translated_in_bf16_on_the_cpu_are_packed(checkpoints, small_corpus, native_cpu_bf16):
     ckpt, _, _ = checkpoints
@@ -367,6 +401,20 @@ def test_translate_keeps_one_line_per_input_line(checkpoints, tmp_path, capsys):
         "50",
     )
     assert stdout.split("\n") == out
+
+
+def test_translate_compile_gives_the_eager_output_and_counts_its_graphs(
+    checkpoints, small_corpus, tmp_path, capsys
+):
+    ckpt, _, _ = checkpoints
+    lines = (small_corpus / "valid.en").read_text().splitlines()[:6]
+    write_lines(tmp_path / "in.en", lines)
+    argv = ("translate", "-c", str(ckpt), "-i", str(tmp_path / "in.en"), "--beam", "1")
+    code, eager, _ = run_cli(capsys, *argv)
+    assert code == 0 and len(eager.splitlines()) == len(lines)
+    code, compiled, err = run_cli(capsys, *argv, "--compile")
+    assert code == 0 and compiled == eager
+    assert int(err.split("compiled graphs: ")[1].split()[0]) >= 1
 
 
 def test_nbest_output_lists_line_number_score_and_text(checkpoints, tmp_path, capsys):

@@ -70,6 +70,15 @@ class EncoderDecoder(nn.Module):
         hidden, cache = self.decoder.step(self.embeddings.embed("decoder_input", prev_tokens), enc, cache)
         return self.embeddings.logits(hidden, out), cache
 
+    def compile_decoding(self) -> bool:
+        """Decode through a torch.compile'd step of the Transformer's decoder layers from now
+        on (`TransformerDecoder.compile_step`); returns whether it did (not for the RNN,
+        whose step is a few fused GRU cells)."""
+        if not isinstance(self.decoder, TransformerDecoder):
+            return False
+        self.decoder.compile_step()
+        return True
+
     @property
     def fills_out(self) -> bool:
         """Whether `decode_step` writes into the `out` it is given: not once the output

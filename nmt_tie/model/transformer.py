@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from nmt_tie.devices import autocast_active
 from nmt_tie.errors import UserError
 from nmt_tie.model.dropout import dropout, relu_dropout
 from nmt_tie.model.packed import PackedLinear
@@ -132,12 +133,25 @@ class KeyValueCache:
         self.length = 0
         self._spare: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @classmethod
+    def over(cls, keys: torch.Tensor, values: torch.Tensor, length: int) -> KeyValueCache:
+        """A cache over buffers with room past `length` (a compiled decoding step is handed
+        the buffers and the length, not the cache object: see `TransformerDecoder.step`)."""
+        cache = cls()
+        cache.keys, cache.values, cache.length = keys, values, length
+        return cache
+
+    def reserve(self, like: torch.Tensor) -> None:
+        """Make room for one more position (like: rows, heads, 1, head_dim)."""
+        if self.keys is None or self.length == self.keys.size(2):
+            self._grow(like)
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add one position (k, v: rows, heads, 1, head_dim)."""
-        if self.keys is None or self.length == self.keys.size(2):
-            self._grow(k)
-        self.keys[:, :, self.length] = k[:, :, 0]
-        self.values[:, :, self.length] = v[:, :, 0]
+        self.reserve(k)
+        # narrow, not an integer index: torch.compile would make a graph per position
+        self.keys.narrow(2, self.length, 1).copy_(k)
+        self.values.narrow(2, self.length, 1).copy_(v)
         self.length += 1
 
     def filled(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +195,11 @@ class KeyValueCache:
             # `_explicit_attention` with a key mask, but masked in place: its out-of-place
             # masking cost fp32 beam 5 ~1.2%
             scores = q.float() @ self.keys.transpose(-1, -2)
-            scores[..., self.length :] = -math.inf
+            if torch.compiler.is_compiling():  # a slice's size would make a graph per length
+                unfilled = torch.arange(self.keys.size(2), device=q.device) >= self.length
+                scores = scores.masked_fill(unfilled, -math.inf)
+            else:
+                scores[..., self.length :] = -math.inf
             weights = torch.softmax(scores.mul_(q.size(-1) ** -0.5), dim=-1)
             return (weights @ self.values).to(q.dtype)
 
@@ -339,6 +357,7 @@ class TransformerDecoder(nn.Module):
         )
         self.final_norm = nn.LayerNorm(dim) if pre_norm else nn.Identity()
         self.dropout = dropout
+        self._compiled_layers_step = None
         _init_linear_layers(self)
 
     def prepare(self, enc: EncoderOut) -> EncoderOut:
@@ -366,11 +385,39 @@ class TransformerDecoder(nn.Module):
         return self._run(x, enc, None)
 
     def step(self, emb: torch.Tensor, enc: EncoderOut, cache: dict | None):
-        """One incremental step: emb (batch, dim) of the previous token -> (batch, dim)."""
+        """One incremental step: emb (batch, dim) of the previous token -> (batch, dim).
+
+        The layers' work is `_layers_step`, handed the cache buffers and the position as
+        plain tensors and an int, so that torch.compile (`compile_step`) traces it once for
+        every position and batch size; growing the buffers stays outside it."""
         if cache is None:
             cache = {"position": 0, "layers": [KeyValueCache() for _ in self.layers]}
-        position = sinusoidal_positions(1, emb.size(-1), cache["position"], device=emb.device)
-        x = (emb + position.to(emb.dtype)).unsqueeze(1)
-        out = self._run(x, enc, cache["layers"])
+        layers, position = cache["layers"], cache["position"]
+        heads, device = self.layers[0].self_attn.heads, emb.device.type
+        # shaped and typed as a step's keys (autocast's dtype, if on: that of the products)
+        dtype = torch.get_autocast_dtype(device) if autocast_active(device) else emb.dtype
+        like = emb.new_empty(emb.size(0), heads, 1, emb.size(-1) // heads, dtype=dtype)
+        for layer_cache in layers:
+            layer_cache.reserve(like)
+        step = self._compiled_layers_step or self._layers_step
+        out = step(emb, enc, [c.keys for c in layers], [c.values for c in layers], position)
+        for layer_cache in layers:
+            layer_cache.length += 1
         cache["position"] += 1
-        return out.squeeze(1), cache
+        return out, cache
+
+    def _layers_step(self, emb, enc, keys: list, values: list, position: int) -> torch.Tensor:
+        pe = sinusoidal_positions(1, emb.size(-1), position, device=emb.device)
+        x = (emb + pe.to(emb.dtype)).unsqueeze(1)
+        caches = [KeyValueCache.over(k, v, position) for k, v in zip(keys, values, strict=True)]
+        return self._run(x, enc, caches).squeeze(1)
+
+    def compile_step(self) -> None:
+        """Decode through a torch.compile'd `_layers_step` from now on (`translate --compile`);
+        the output layer and the beam bookkeeping stay eager. Sizes are dynamic, but a few
+        cases still get graphs of their own (the first position, one row, a beam's first step
+        with one row per sentence): 3 on test2016 with beam 5, up to 8 in the tests' mixes,
+        then none. dynamo's default limit is 8 graphs per function, past which it would decode
+        eagerly without a word, so it is raised."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self._compiled_layers_step = torch.compile(self._layers_step, dynamic=True)

@@ -42,6 +42,7 @@ from nmt_tie.config import TrainConfig, dump_configs, to_dict
 from nmt_tie.devices import (
     HeapTrimmer,
     autocast_context,
+    compiled_graph_count,
     describe_precision,
     effective_dtype,
     keep_large_tensors_in_heap,
@@ -64,15 +65,6 @@ RELEASE_MEMORY_EVERY = 10
 
 class TrainingDiverged(UserError):
     pass
-
-
-def compiled_graph_count() -> int:
-    """Graphs torch.compile has built in this process so far (0 without compile). Compiled
-    training builds one for the first batch shape and one with dynamic sizes at the second;
-    a count that keeps growing means recompilation (see TORCH_LOGS=recompiles)."""
-    from torch._dynamo.utils import counters  # no public counter in PyTorch yet
-
-    return int(counters["stats"]["unique_graphs"])
 
 
 def seed_everything(seed: int) -> None:

@@ -89,8 +89,9 @@ def measure(
     from torch.utils.flop_counter import FlopCounterMode
 
     from nmt_tie.config import ModelConfig, TrainConfig
+    from nmt_tie.devices import compiled_graph_count
     from nmt_tie.training import translation
-    from nmt_tie.training.trainer import Trainer, compiled_graph_count
+    from nmt_tie.training.trainer import Trainer
     from nmt_tie.training.translation import TranslationTask
 
     if vocab:  # larger matrices than the data needs: its ids all fit (see the docstring)
