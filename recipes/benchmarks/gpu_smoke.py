@@ -9,7 +9,8 @@ peak GPU memory. Exit status 1 if any check fails.
 
     recipes/benchmarks/gpu_smoke.sh                 # = python recipes/benchmarks/gpu_smoke.py
     python recipes/benchmarks/gpu_smoke.py --updates 200 --dtypes bf16,fp16 --archs transformer,rnn
-    python recipes/benchmarks/gpu_smoke.py --archs transformer --compile   # compiled, graphs counted
+    python recipes/benchmarks/gpu_smoke.py --archs transformer --compile   # compiled training and
+                                                       # decoding (against eager), graphs counted
 
 On the CPU (`--device cpu`, few updates) it tests itself: tests/test_gpu_readiness.py runs it.
 """
@@ -113,6 +114,18 @@ def smoke(arch: str, dtype: str, data: Path, out: Path, args) -> dict:
     translate_s = time.perf_counter() - begin
     if len(hypotheses) != len(sources):
         raise SystemExit(f"{run}: {len(hypotheses)} translations for {len(sources)} sentences")
+    compiled = {}
+    if args.compile:  # decoding through compiled steps (`translate --compile`) too
+        translator = Translator.from_checkpoints(
+            [run / "best.pt"], options, device=args.device, dtype=dtype, compile=True
+        )
+        begin = time.perf_counter()
+        translator.translate(sources)  # compiles
+        compiled["translate_compile_s"] = round(time.perf_counter() - begin, 1)
+        begin = time.perf_counter()
+        compiled_hypotheses = translator.translate(sources)
+        compiled["translate_compiled_s"] = round(time.perf_counter() - begin, 2)
+        compiled["same_as_eager"] = sum(map(str.__eq__, compiled_hypotheses, hypotheses)) / len(sources)
     train = [r for r in log_records(run, "train") if r["update"] > kill_after]
     setup = log_records(run, "setup")[-1]
     return {
@@ -127,6 +140,7 @@ def smoke(arch: str, dtype: str, data: Path, out: Path, args) -> dict:
         "translate_s": round(translate_s, 2),
         "wall_s": round(seconds, 1),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+        **compiled,
     }
 
 
@@ -142,7 +156,9 @@ def main() -> None:
     parser.add_argument("--archs", default="transformer,rnn")
     parser.add_argument("--updates", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=8192)
-    parser.add_argument("--compile", action="store_true", help="train with compile: true")
+    parser.add_argument(
+        "--compile", action="store_true", help="train with compile: true, and translate with --compile too"
+    )
     parser.add_argument("--sentences", type=int, default=100)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))

@@ -8,7 +8,9 @@ hypothesis/reference length ratio, the share of sentences translated exactly as 
 own fp32 search does, and the bytes on disk of what was loaded.
 
 Engines (--engines):
-- `pytorch-fp32`, `pytorch-bf16`: `nmt-tie translate` on the checkpoint;
+- `pytorch-fp32`, `pytorch-bf16`: `nmt-tie translate` on the checkpoint; `pytorch-fp32-compile`,
+  `pytorch-bf16-compile` the same with `--compile` (only when named: compiling takes a minute
+  or two, in the warm-up pass, and the row says how many graphs it made);
 - `export-float32`, `export-int8`: `nmt-tie translate -c DIR` on a CTranslate2 export
   (made here with `nmt-tie export`), tokenization and detokenization included;
 - `ct2-float32`, `ct2-int8`: the same exports called directly with pre-tokenized pieces
@@ -37,6 +39,7 @@ from nmt_tie.data.text import read_lines
 
 TEST = "test_2016_flickr"
 ENGINES = ("pytorch-fp32", "pytorch-bf16", "export-float32", "export-int8", "ct2-float32", "ct2-int8")
+COMPILED = ("pytorch-fp32-compile", "pytorch-bf16-compile")  # asked for by name: minutes of compiling
 
 
 def _best_of_two(run):
@@ -72,7 +75,12 @@ def measure(
         if threads:
             torch.set_num_threads(threads)
         translator = Translator.from_checkpoints(
-            [Path(model)], options, device=device, dtype=engine.split("-")[1], warn=lambda m: None
+            [Path(model)],
+            options,
+            device=device,
+            dtype=engine.split("-")[1],
+            warn=lambda m: None,
+            compile=engine.endswith("-compile"),
         )
     else:
         from nmt_tie.deploy import EXPORT_MAX_TOKENS, ExportedTranslator
@@ -107,7 +115,10 @@ def measure(
     gpu_mb = None
     if engine.startswith("pytorch") and device.startswith("cuda"):
         gpu_mb = torch.cuda.max_memory_allocated() / 2**20
+    from nmt_tie.devices import compiled_graph_count
+
     return {
+        "graphs": compiled_graph_count() if engine.endswith("-compile") else None,
         "seconds": seconds,
         # bf16 runs in fp32 on a CPU without native bf16 (devices.effective_dtype)
         "dtype": getattr(translator, "dtype", None),
@@ -142,7 +153,7 @@ def run_row(engine: str, model: str, beam: int, max_tokens: int, threads: int, d
 def label(engine: str, row: dict) -> str:
     """The engine, and the precision that ran where it is not the one asked for."""
     used = row.get("dtype")
-    return engine if not used or engine.endswith(used) else f"{engine}->{used}"
+    return engine if not used or engine.split("-")[1] == used else f"{engine}->{used}"
 
 
 def gpu_column(megabytes: float | None) -> str:
@@ -185,7 +196,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("checkpoints", nargs="*", type=Path)
-    parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated: {', '.join(ENGINES)}")
+    parser.add_argument(
+        "--engines", default=",".join(ENGINES), help=f"comma-separated: {', '.join(ENGINES + COMPILED)}"
+    )
     parser.add_argument("--beams", default="5", help="comma-separated beam sizes (1 = greedy)")
     parser.add_argument("--max-tokens", type=int, default=4096, help="source tokens a batch (PyTorch rows)")
     parser.add_argument(
@@ -216,7 +229,7 @@ def main() -> None:
     export_dir = args.exports or Path(tempfile.mkdtemp(prefix="nmt-tie-exports-"))
     on_gpu = args.device.startswith("cuda")
     header = (
-        f"{'model':<28}{'engine':<20}{'search':<8}{'pieces/s':>9}{'sent/s':>8}{'RSS MB':>8}"
+        f"{'model':<28}{'engine':<27}{'search':<8}{'pieces/s':>9}{'sent/s':>8}{'RSS MB':>8}"
         f"{'BLEU':>7}{'ratio':>7}{'same':>7}{'MB on disk':>11}" + (f"{'GPU MB':>8}" if on_gpu else "")
     )
     print(header, flush=True)
@@ -244,12 +257,14 @@ def main() -> None:
                 )
                 search = "greedy" if beam == 1 else f"beam {beam}"
                 print(
-                    f"{name:<28}{label(engine, row):<20}{search:<8}{row['pieces'] / row['seconds']:>9.0f}"
+                    f"{name:<28}{label(engine, row):<27}{search:<8}{row['pieces'] / row['seconds']:>9.0f}"
                     f"{len(lines) / row['seconds']:>8.1f}{row['peak_rss_mb']:>8.0f}{bleu.score:>7.2f}"
                     f"{bleu.sys_len / bleu.ref_len:>7.3f}{same:>7}{disk_bytes(models[engine]) / 1e6:>11.1f}"
                     + (gpu_column(row["gpu_peak_mb"]) if on_gpu else ""),
                     flush=True,
                 )
+                if row["graphs"] is not None:  # the warm-up pass compiles; the timed ones should not
+                    print(f"{'':<28}({row['graphs']} graphs compiled)", flush=True)
     train = list(read_lines(multi30k / "train.en.gz"))
     for dtype in filter(None, args.stream_dtypes.split(",")):
         if not args.checkpoints:
