@@ -144,8 +144,8 @@ class Translator(TextTranslator):
         if device.type == "cpu":
             used = effective_dtype(device, dtype)
             for model in models:
-                # not fp32 (model/packed.py), and not under torch.compile: it cannot see
-                # into the packed kernels, and does its own
+                # not fp32 (model/packed.py); not when compiling either: packed kernels
+                # under torch.compile are untried (no CPU here had native bf16 to try them)
                 if used == "bf16" and not compile:
                     model.pack_for_cpu_inference(torch.bfloat16)
                 elif used == "fp32":

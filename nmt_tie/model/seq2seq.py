@@ -72,8 +72,8 @@ class EncoderDecoder(nn.Module):
 
     def compile_decoding(self) -> bool:
         """Decode through a torch.compile'd step of the Transformer's decoder layers from now
-        on (`TransformerDecoder.compile_step`); returns whether it did (not for the RNN,
-        whose step is a few fused GRU cells)."""
+        on (`TransformerDecoder.compile_step`); returns whether it did (not for the RNN:
+        it decodes eagerly)."""
         if not isinstance(self.decoder, TransformerDecoder):
             return False
         self.decoder.compile_step()
