@@ -161,8 +161,10 @@ def test_empty_lines_and_length_filters_are_counted(tmp_path, small_corpus):
 # --- bad input: one line naming the file (and line), exit code 2, nothing half-written ---
 
 
-def assert_clean_failure(capsys, out: Path, *argv: str) -> str:
-    code, stdout, stderr = run_cli(capsys, "prepare", *argv, "--out", str(out), "--vocab-size", "500")
+def assert_clean_failure(capsys, out: Path, *argv: str, vocab_size: int = 500) -> str:
+    code, stdout, stderr = run_cli(
+        capsys, "prepare", *argv, "--out", str(out), "--vocab-size", str(vocab_size)
+    )
     assert code == 2
     assert stderr.count("\n") == 1 and "Traceback" not in stderr
     assert not out.exists()
@@ -199,6 +201,36 @@ def test_empty_training_split(tmp_path, capsys):
     write_lines(tmp_path / "c.de", ["x", ""])
     err = assert_clean_failure(capsys, tmp_path / "out", *splits_args(tmp_path / "c"))
     assert "train split is empty" in err and "c.en" in err
+
+
+def test_too_little_text_for_the_vocabulary_says_the_largest_size_that_works(tmp_path, capsys):
+    write_lines(tmp_path / "c.en", ["a small dog runs", "two cats sleep"])
+    write_lines(tmp_path / "c.de", ["ein kleiner Hund rennt", "zwei Katzen schlafen"])
+    err = assert_clean_failure(capsys, tmp_path / "out", *splits_args(tmp_path / "c"))
+    assert f"{tmp_path / 'c.en'} and {tmp_path / 'c.de'}: too little training text" in err
+    largest = int(err.split("use --vocab-size ")[1].split()[0])
+    assert 260 < largest < 500
+    args = ("prepare", *splits_args(tmp_path / "c"), "--out", str(tmp_path / "out"))
+    assert run_cli(capsys, *args, "--vocab-size", str(largest))[0] == 0
+    assert len(PreparedData(tmp_path / "out").processor("src").vocab) == largest
+
+
+def test_more_characters_than_the_vocabulary_holds_says_the_smallest_size(tmp_path, capsys):
+    # every character is a piece of its own (coverage 1.0): 400 CJK characters need > 500
+    chars = [chr(0x4E00 + i) for i in range(400)]
+    lines = ["".join(chars[i : i + 20]) for i in range(0, 400, 20)] * 20
+    write_lines(tmp_path / "c.en", lines)
+    write_lines(tmp_path / "c.de", lines)
+    err = assert_clean_failure(capsys, tmp_path / "out", *splits_args(tmp_path / "c"))
+    smallest = int(err.split("use --vocab-size ")[1].split()[0])
+    assert 400 + 260 <= smallest < 700  # and the word boundary "▁"
+    args = ("prepare", *splits_args(tmp_path / "c"), "--out", str(tmp_path / "out"))
+    assert run_cli(capsys, *args, "--vocab-size", str(smallest))[0] == 0
+
+
+def test_a_vocabulary_smaller_than_the_byte_pieces_is_refused(tmp_path, small_corpus, capsys):
+    err = assert_clean_failure(capsys, tmp_path / "out", *splits_args(small_corpus / "train"), vocab_size=260)
+    assert "--vocab-size 260 is too small" in err
 
 
 def test_existing_directory_from_other_inputs_is_refused_unless_forced(tmp_path, small_corpus, capsys):

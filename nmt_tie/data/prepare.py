@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from nmt_tie.errors import UserError
 from nmt_tie.progress import progress
 
 FORMAT_VERSION = 1
+BYTE_AND_SPECIAL_PIECES = 256 + 4  # byte fallback's pieces, <pad> <unk> <s> </s>
 CHUNK_LINES = 100_000  # lines held in memory at once, whatever the corpus size
 
 
@@ -174,8 +176,11 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
     started = time.perf_counter()
     if opts.src == opts.tgt:
         raise UserError(f"--src and --tgt are both {opts.src!r}; give two different languages")
-    if opts.vocab_size < 300:
-        raise UserError(f"--vocab-size {opts.vocab_size} is too small; use at least 300")
+    if opts.vocab_size <= BYTE_AND_SPECIAL_PIECES:
+        raise UserError(
+            f"--vocab-size {opts.vocab_size} is too small: {BYTE_AND_SPECIAL_PIECES} byte and special "
+            "pieces come first; use a few thousand (8,000 for Multi30k, 32,000 for WMT)"
+        )
     splits = opts.splits()
     paths = {
         name: {lang: split_file(prefix, lang) for lang in (opts.src, opts.tgt)}
@@ -241,6 +246,29 @@ def _replace_dir(new: Path, out: Path) -> None:
         os.replace(new, out)
 
 
+def _learn_bpe(lines: Iterator[str], files: list[Path], opts: PrepareOptions) -> bytes:
+    """SentencePiece BPE on the lines of `files`, with a one-line error when the vocabulary
+    size does not fit the text: SentencePiece states its own limits, in its words "Vocabulary
+    size too high (300). Please set it to a value <= 275." and "Vocabulary size is smaller
+    than required_chars. 262 vs 269." (every character, 256 bytes and 4 specials)."""
+    try:
+        return train_sentencepiece(lines, opts.vocab_size, opts.threads)
+    except RuntimeError as error:
+        names = " and ".join(str(path) for path in files)
+        if most := re.search(r"Vocabulary size too high \(\d+\).*?<= (\d+)", str(error)):
+            raise UserError(
+                f"{names}: too little training text for --vocab-size {opts.vocab_size}; "
+                f"SentencePiece can make at most {most.group(1)} pieces from it: use --vocab-size "
+                f"{most.group(1)} or less, or more training data"
+            ) from None
+        if least := re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(error)):
+            raise UserError(
+                f"{names}: --vocab-size {opts.vocab_size} is too small for this text, whose every "
+                f"character is a piece of its own: use --vocab-size {least.group(1)} or more"
+            ) from None
+        raise
+
+
 def _prepare_into(tmp: Path, opts: PrepareOptions, splits: dict, started: float, log) -> dict:
     langs = (opts.src, opts.tgt)
     work = tmp / "work"  # pre-tokenized text, removed at the end
@@ -287,18 +315,18 @@ def _prepare_into(tmp: Path, opts: PrepareOptions, splits: dict, started: float,
             yield from read_lines(path)
 
     if opts.joint:
-        model = train_sentencepiece(
+        model = _learn_bpe(
             training_lines(work / f"train.{opts.src}", work / f"train.{opts.tgt}"),
-            opts.vocab_size,
-            opts.threads,
+            [split_file(opts.train, lang) for lang in langs],
+            opts,
         )
         (tmp / "spm.model").write_bytes(model)
         models = {lang: model for lang in langs}
     else:
         models = {}
         for lang in langs:
-            models[lang] = train_sentencepiece(
-                training_lines(work / f"train.{lang}"), opts.vocab_size, opts.threads
+            models[lang] = _learn_bpe(
+                training_lines(work / f"train.{lang}"), [split_file(opts.train, lang)], opts
             )
             (tmp / f"spm.{lang}.model").write_bytes(models[lang])
     processors = {lang: TextProcessor(lang, models[lang], opts.moses) for lang in langs}
