@@ -313,8 +313,10 @@ def _add_translate(sub) -> None:
 def _run_translate(args) -> None:
     from nmt_tie.translate import SearchOptions, Translator, translate_stream
 
-    if args.beam < 1 or args.nbest < 1 or args.nbest > args.beam:
-        raise UserError("need 1 <= --nbest <= --beam")
+    if args.beam < 1:
+        raise UserError(f"--beam {args.beam}: need at least 1 (1 = greedy)")
+    if args.nbest < 1 or args.nbest > args.beam:
+        raise UserError(f"--nbest {args.nbest}: need 1 <= --nbest <= --beam ({args.beam})")
     exports = [path for path in args.checkpoint if path.is_dir()]
     if exports:
         from nmt_tie.deploy import EXPORT_MAX_TOKENS, ExportedTranslator, is_export
@@ -591,3 +593,10 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         sys.stderr.close()  # e.g. `nmt-tie translate ... | head`
         sys.exit(0)
+    except OSError as err:
+        if err.filename is None:
+            raise
+        # a path the user gave that cannot be opened or written (no such directory, no
+        # permission, a full disk): one line naming it, not a traceback
+        print(f"nmt-tie {args.command}: error: {err.filename}: {err.strerror}", file=sys.stderr)
+        sys.exit(2)

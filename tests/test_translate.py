@@ -470,6 +470,19 @@ def test_missing_and_truncated_checkpoints_are_clear_errors(checkpoints, tmp_pat
     assert code == 2 and "truncated or corrupt" in err
 
 
+def test_an_unwritable_output_and_bad_search_options_are_one_line_errors(checkpoints, tmp_path, capsys):
+    ckpt, _, _ = checkpoints
+    write_lines(tmp_path / "in.en", ["A dog."])
+    argv = ("translate", "-c", str(ckpt), "-i", str(tmp_path / "in.en"))
+    out = tmp_path / "no-such-dir" / "out.de"
+    code, _, err = run_cli(capsys, *argv, "-o", str(out))
+    assert code == 2 and err == f"nmt-tie translate: error: {out}: No such file or directory\n"
+    code, _, err = run_cli(capsys, *argv, "--beam", "0")
+    assert code == 2 and "--beam 0: need at least 1" in err and err.count("\n") == 1
+    code, _, err = run_cli(capsys, *argv, "--beam", "2", "--nbest", "3")
+    assert code == 2 and "--nbest 3: need 1 <= --nbest <= --beam (2)" in err
+
+
 def test_streaming_from_a_pipe_answers_before_the_input_ends(checkpoints):
     ckpt, _, _ = checkpoints
     process = subprocess.Popen(
