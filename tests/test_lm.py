@@ -214,6 +214,15 @@ def test_lm_training_resumes_exactly(tmp_path, ptb_slice):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_lm_training_resumes_only_on_the_text_it_was_trained_on(tmp_path, ptb_slice):
+    make_trainer(lm_config(tmp_path, ptb_slice, max_updates=3)).run()
+    twice = tmp_path / "twice.txt"  # the same words, so the same vocabulary, but other text
+    twice.write_text(ptb_slice["train"].read_text() * 2)
+    with pytest.raises(UserError, match="was trained on other data: its training data differ"):
+        make_trainer(lm_config(tmp_path, {**ptb_slice, "train": twice}, max_updates=6))
+    assert make_trainer(lm_config(tmp_path, ptb_slice, max_updates=6)).update == 3
+
+
 def test_unknown_words_without_unk_name_the_file_and_line(tmp_path):
     write_lines(tmp_path / "train.txt", ["a b c", "a b"])
     write_lines(tmp_path / "test.txt", ["a b", "a zebra"])

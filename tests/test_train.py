@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -280,6 +281,33 @@ def test_a_run_directory_of_another_model_is_not_overwritten(tmp_path, data_dir)
     make_trainer(tmp_path, data_dir, "run", max_updates=5).run()
     with pytest.raises(UserError, match="another model .*emb_dim"):
         make_trainer(tmp_path, data_dir, "run", emb_dim=64)
+
+
+def test_a_run_resumes_only_on_the_data_it_was_trained_on(tmp_path, data_dir, small_corpus):
+    make_trainer(tmp_path, data_dir, "run", max_updates=2, valid_every=0).run()
+    # the same shape (vocabulary of 500 pieces) from other text: its ids mean other pieces
+    other_text = tmp_path / "other_text"
+    other_text.mkdir()
+    for name in ("train.en", "train.de", "valid.en", "valid.de"):
+        lines = (small_corpus / name).read_text().splitlines()
+        (other_text / name).write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+    other_vocab = prepare_small(other_text, tmp_path / "other-vocab")
+    with pytest.raises(
+        UserError, match="run/last.pt was trained on other data: its vocabulary and training data"
+    ):
+        make_trainer(tmp_path, other_vocab, "run", max_updates=4)
+    # the same vocabulary, fewer training pairs (another length filter)
+    shorter = prepare_small(small_corpus, tmp_path / "shorter", max_len=12)
+    assert (shorter / "spm.model").read_bytes() == (data_dir / "spm.model").read_bytes()
+    with pytest.raises(UserError, match="its training data differ"):
+        make_trainer(tmp_path, shorter, "run", max_updates=4)
+    # the same data moved elsewhere resumes
+    moved = tmp_path / "moved"
+    shutil.copytree(data_dir, moved)
+    trainer = make_trainer(tmp_path, moved, "run", max_updates=4)
+    assert trainer.update == 2
+    trainer.run()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["trainer"]["update"] == 4
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ that SGD with lr 1 behaves as in their recipe.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -168,6 +169,12 @@ class LanguageModelTask:
         self.epoch = state["epoch"]
         self.position = state["position"]
         self.state = (state["h"].to(self.device), state["c"].to(self.device)) if "h" in state else None
+
+    def data_identity(self) -> dict:
+        """What a resumed run must train on: the same vocabulary and training text (its size
+        in tokens: the saved position in it means nothing in another text)."""
+        vocabulary = hashlib.sha256("\n".join(self.vocab.words).encode()).hexdigest()
+        return {"vocabulary": vocabulary, "training data": int(self.train.numel())}
 
     def checkpoint_extras(self) -> dict:
         return {"kind": "lm", "lm_vocab": self.vocab.words, "lm_data": asdict(self.data_cfg)}

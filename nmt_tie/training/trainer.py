@@ -14,6 +14,7 @@ A task implements:
     epoch                              the epoch of the next batch (1-based)
     state_dict() / load_state_dict()   data-iterator (and other) state
     checkpoint_extras() -> dict        e.g. the vocabulary, stored in every checkpoint
+    data_identity() -> dict            what a resumed run must train on (vocabulary, data)
     batch_tokens(batch) -> int         tokens, for per-token metrics
 and optionally:
     loss_normalizer(batch) -> int      what the summed loss is divided by (default: tokens)
@@ -246,10 +247,20 @@ class Trainer:
                 "rng": rng,
             },
             "task": self.task.state_dict(),
+            "data": self.task.data_identity(),
             **self.task.checkpoint_extras(),
         }
 
     def _restore(self, payload: dict) -> None:
+        saved = payload.get("data")  # none in checkpoints before 2026-11-30
+        current = self.task.data_identity()
+        if saved is not None and (differs := [what for what in saved if saved[what] != current.get(what)]):
+            # the same model shape on another vocabulary would train on silently, its ids
+            # meaning other pieces
+            raise UserError(
+                f"{self.run_dir / 'last.pt'} was trained on other data: its {' and '.join(differs)} "
+                "differ from this run's; resume with the data it was trained on, or use another save_dir"
+            )
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.schedule.load_state_dict(payload["schedule"])

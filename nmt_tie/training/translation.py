@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -137,6 +138,15 @@ class TranslationTask:
             # BLEU of what search? (the final scores use beam search)
             "search": "greedy" if self.cfg.valid_beam == 1 else f"beam {self.cfg.valid_beam}",
         }
+
+    def data_identity(self) -> dict:
+        """What a resumed run must train on to continue the same training: the vocabulary
+        (what each id means) and the training pairs (prepare's inputs and options). By
+        content, not path: a moved data directory resumes."""
+        record = self.prepared.record
+        vocabulary = hashlib.sha256(self.src_proc.spm_model + self.tgt_proc.spm_model).hexdigest()
+        inputs = {lang: entry["sha256"] for lang, entry in record["inputs"]["train"].items()}
+        return {"vocabulary": vocabulary, "training data": {"inputs": inputs, "options": record["options"]}}
 
     def state_dict(self) -> dict:
         return {"sampler": self._sampler_state()}
