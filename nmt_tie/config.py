@@ -111,7 +111,7 @@ class TrainConfig:
     max_sentences: int = 0  # optional cap on sentences per batch; 0 = none
     update_freq: int = 1  # gradient accumulation: batches per update
     shape_ladder: bool = True  # batch widths and sentence counts on a ladder of 8 values per
-    #                            doubling: few tensor shapes (flat memory, compile), ~3% more padding
+    #                            doubling: few tensor shapes (flat memory, compile), ~1% more padded tokens
     # stopping
     max_updates: int = 0  # 0 = no limit
     max_epochs: int = 0  # 0 = no limit
