@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -310,6 +311,15 @@ def _add_translate(sub) -> None:
     p.set_defaults(handler=_run_translate)
 
 
+def _refuse_to_overwrite_an_input(flag: str, output, *inputs) -> None:
+    """An output that is also an input would be emptied before (or replace it after) it is read."""
+    if not output or not os.path.exists(output):
+        return
+    for given in inputs:
+        if given and os.path.exists(given) and os.path.samefile(given, output):
+            raise UserError(f"{flag} {output} is also {given}, an input; write to another file")
+
+
 def _run_translate(args) -> None:
     from nmt_tie.translate import SearchOptions, Translator, translate_stream
 
@@ -317,6 +327,7 @@ def _run_translate(args) -> None:
         raise UserError(f"--beam {args.beam}: need at least 1 (1 = greedy)")
     if args.nbest < 1 or args.nbest > args.beam:
         raise UserError(f"--nbest {args.nbest}: need 1 <= --nbest <= --beam ({args.beam})")
+    _refuse_to_overwrite_an_input("-o", args.output, args.input, *args.checkpoint)
     exports = [path for path in args.checkpoint if path.is_dir()]
     if exports:
         from nmt_tie.deploy import EXPORT_MAX_TOKENS, ExportedTranslator, is_export
@@ -404,6 +415,7 @@ def _add_score(sub) -> None:
 def _run_score(args) -> None:
     from nmt_tie.evaluate import score_files
 
+    _refuse_to_overwrite_an_input("--out", args.out, args.hypotheses, args.references)
     results = score_files(args.hypotheses, args.references, args.metrics.split(","), args.tokenize)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -40,4 +40,6 @@ def score_files(hyp_path: Path, ref_path: Path, metrics=METRICS, tokenize: str |
         raise UserError(
             f"line counts differ: {hyp_path} has {len(hypotheses)} lines, {ref_path} has {len(references)}"
         )
+    if not hypotheses:
+        raise UserError(f"{hyp_path} and {ref_path} are empty: nothing to score")
     return score(hypotheses, references, metrics, tokenize)

@@ -522,6 +522,23 @@ def test_score_matches_sacrebleu_and_checks_line_counts(tmp_path, capsys):
     write_lines(tmp_path / "short", hyps[:1])
     code, _, err = run_cli(capsys, "score", str(tmp_path / "short"), str(tmp_path / "ref"))
     assert code == 2 and "short has 1 lines" in err and "ref has 2" in err
+    (tmp_path / "empty").write_text("")
+    code, _, err = run_cli(capsys, "score", str(tmp_path / "empty"), str(tmp_path / "empty"))
+    assert code == 2 and "are empty: nothing to score" in err and err.count("\n") == 1
+
+
+def test_no_command_writes_over_its_own_input(checkpoints, tmp_path, capsys):
+    ckpt, _, _ = checkpoints
+    write_lines(tmp_path / "in.en", ["A dog.", "Two men."])
+    before = (tmp_path / "in.en").read_bytes(), ckpt.read_bytes()
+    for output in (tmp_path / "in.en", ckpt):
+        code, _, err = run_cli(
+            capsys, "translate", "-c", str(ckpt), "-i", str(tmp_path / "in.en"), "-o", str(output)
+        )
+        assert code == 2 and f"-o {output} is also" in err
+    code, _, err = run_cli(capsys, "score", *[str(tmp_path / "in.en")] * 2, "--out", str(tmp_path / "in.en"))
+    assert code == 2 and "--out" in err and "an input" in err
+    assert ((tmp_path / "in.en").read_bytes(), ckpt.read_bytes()) == before
 
 
 def test_embeddings_command_reads_translation_checkpoints_as_whole_word_pieces(checkpoints, tmp_path, capsys):
