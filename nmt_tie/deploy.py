@@ -199,6 +199,11 @@ def export_ctranslate2(
         raise UserError(f"--quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
     if out.exists() and not force:
         raise UserError(f"{out} exists: give --force to replace it")
+    if out.exists() and not is_export(out):
+        # --force replaces an earlier export, never a run directory or a checkpoint
+        raise UserError(
+            f"{out} exists and is not an nmt-tie export, which --force would delete; choose another --out"
+        )
     payload = load_checkpoint(checkpoint)
     if payload.get("kind") == "lm":
         raise UserError(f"{checkpoint} is a language model: only translation models are exported")

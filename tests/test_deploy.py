@@ -210,6 +210,9 @@ def test_translate_through_an_export_from_the_command_line(trained, tmp_path, ca
     # an existing directory is kept unless --force
     code, _, err = run_cli(capsys, "export", str(trained), "--out", str(tmp_path / "int8"))
     assert code == 2 and "--force" in err
+    # and --force replaces only an earlier export: never the run directory holding the checkpoint
+    code, _, err = run_cli(capsys, "export", str(trained), "--out", str(trained.parent), "--force")
+    assert code == 2 and "is not an nmt-tie export" in err and trained.is_file()
 
 
 def test_exports_refuse_what_ctranslate2_cannot_do(prepared, tmp_path, capsys, monkeypatch):

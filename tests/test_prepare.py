@@ -268,6 +268,15 @@ def test_existing_directory_from_other_inputs_is_refused_unless_forced(tmp_path,
     assert len(PreparedData(out).processor("src").vocab) == 600
 
 
+def test_force_never_deletes_the_corpus_it_reads(tmp_path, capsys):
+    write_lines(tmp_path / "train.en", ["a small dog runs", "two cats sleep"])
+    write_lines(tmp_path / "train.de", ["ein kleiner Hund rennt", "zwei Katzen schlafen"])
+    argv = ("prepare", *splits_args(tmp_path / "train"), "--vocab-size", "270", "--force")
+    code, _, err = run_cli(capsys, *argv, "--out", str(tmp_path))
+    assert code == 2 and f"--out {tmp_path} holds the input {tmp_path / 'train.en'}" in err
+    assert (tmp_path / "train.en").is_file() and (tmp_path / "train.de").is_file()
+
+
 def test_a_directory_without_prepare_json_is_not_accepted(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(UserError, match="not a prepared data directory"):
