@@ -547,6 +547,7 @@ def _add_embeddings(sub) -> None:
 def _run_embeddings(args) -> None:
     from nmt_tie import wordvectors
 
+    _refuse_to_overwrite_an_input("--export", args.export, args.checkpoint)
     words, matrix = wordvectors.embedding_matrix(wordvectors.load_payload(args.checkpoint), args.which)
     if args.export:
         wordvectors.export_word2vec(words, matrix, args.export)

@@ -538,6 +538,8 @@ def test_no_command_writes_over_its_own_input(checkpoints, tmp_path, capsys):
         assert code == 2 and f"-o {output} is also" in err
     code, _, err = run_cli(capsys, "score", *[str(tmp_path / "in.en")] * 2, "--out", str(tmp_path / "in.en"))
     assert code == 2 and "--out" in err and "an input" in err
+    code, _, err = run_cli(capsys, "embeddings", str(ckpt), "--export", str(ckpt))
+    assert code == 2 and "--export" in err and "an input" in err
     assert ((tmp_path / "in.en").read_bytes(), ckpt.read_bytes()) == before
 
 
