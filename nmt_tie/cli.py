@@ -327,6 +327,9 @@ def _run_translate(args) -> None:
         raise UserError(f"--beam {args.beam}: need at least 1 (1 = greedy)")
     if args.nbest < 1 or args.nbest > args.beam:
         raise UserError(f"--nbest {args.nbest}: need 1 <= --nbest <= --beam ({args.beam})")
+    for flag, value in (("--max-src-len", args.max_src_len), ("--buffer-lines", args.buffer_lines)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: need at least 1")
     _refuse_to_overwrite_an_input("-o", args.output, args.input, *args.checkpoint)
     exports = [path for path in args.checkpoint if path.is_dir()]
     if exports:

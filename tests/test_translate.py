@@ -481,6 +481,8 @@ def test_an_unwritable_output_and_bad_search_options_are_one_line_errors(checkpo
     assert code == 2 and "--beam 0: need at least 1" in err and err.count("\n") == 1
     code, _, err = run_cli(capsys, *argv, "--beam", "2", "--nbest", "3")
     assert code == 2 and "--nbest 3: need 1 <= --nbest <= --beam (2)" in err
+    code, _, err = run_cli(capsys, *argv, "--max-src-len", "0")
+    assert code == 2 and "--max-src-len 0: need at least 1" in err
 
 
 def test_streaming_from_a_pipe_answers_before_the_input_ends(checkpoints):
