@@ -12,6 +12,10 @@
 # EVAL_DTYPE (precision of the final translations, default fp32), LENGTH_NORM (average | gnmt).
 set -euo pipefail
 
+if [[ ${#BASH_SOURCE[@]} -lt 2 || -z ${CORPUS:-} ]]; then
+  echo "recipes/wmt.sh holds the stages a WMT recipe shares: run a recipe's run.sh, e.g. recipes/wmt14_en_fr/run.sh" >&2
+  exit 2
+fi
 HERE=$(cd "$(dirname "${BASH_SOURCE[1]}")" && pwd)
 NMT_TIE=${NMT_TIE:-nmt-tie}
 TORCHRUN=${TORCHRUN:-torchrun}
@@ -21,8 +25,8 @@ GPUS=${GPUS:-1}
 TIES=${TIES:-none decoder all}
 OVERRIDES=${OVERRIDES:-}
 AVERAGE=${AVERAGE:-0}
-EVAL_DTYPE=${EVAL_DTYPE:-fp32}
-LENGTH_NORM=${LENGTH_NORM:-average}  # score / length ** LENPEN (average) or GNMT's (gnmt)  # the precision of the final scores (bf16 or fp16: faster)
+EVAL_DTYPE=${EVAL_DTYPE:-fp32}  # the precision of the final translations (bf16 or fp16: faster)
+LENGTH_NORM=${LENGTH_NORM:-average}  # score / length ** LENPEN (average) or GNMT's (gnmt)
 
 say() { echo "+ $*" >&2; "$@"; }
 

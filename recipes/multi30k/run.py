@@ -74,7 +74,9 @@ def seed_range(text: str) -> list[int]:
 def run(*args: str) -> None:
     command = [sys.executable, "-m", "nmt_tie", *args]
     print("$ nmt-tie " + " ".join(shlex.quote(a) for a in args), flush=True)
-    subprocess.run(command, check=True)
+    code = subprocess.run(command).returncode
+    if code != 0:  # the command has said why; a traceback of this script would bury it
+        sys.exit(code)
 
 
 def up_to_date(output: Path, source: Path) -> bool:
@@ -124,6 +126,9 @@ def main() -> None:
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="extra config overrides")
     args = parser.parse_args()
+    for tie in args.ties.split(","):
+        if not (RECIPE / f"{args.arch}-{tie}.yaml").is_file():
+            parser.error(f"--ties: no recipe {args.arch}-{tie}.yaml here; give some of none,decoder,all")
     if args.demo:
         args.pair, args.arch, args.seeds = "en-de", "transformer", [1]
         if not args.max_time:
