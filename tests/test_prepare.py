@@ -259,10 +259,13 @@ def test_existing_directory_from_other_inputs_is_refused_unless_forced(tmp_path,
     code, _, err = run_cli(capsys, *argv[:-1], "600")
     assert code == 2 and "other inputs or options" in err and "--force" in err
     assert (out / "spm.model").read_bytes() == model
-    # A directory that is not a prepared one.
+    # A directory that is not a prepared one is never replaced, not even with --force.
     (tmp_path / "other").mkdir()
-    code, _, err = run_cli(capsys, *argv[:-3], str(tmp_path / "other"), "--vocab-size", "500")
-    assert code == 2 and "not an nmt-tie prepared directory" in err
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    for force in ([], ["--force"]):
+        code, _, err = run_cli(capsys, *argv[:-3], str(tmp_path / "other"), "--vocab-size", "500", *force)
+        assert code == 2 and "not an nmt-tie prepared directory" in err
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
     # --force replaces it.
     assert run_cli(capsys, *argv[:-1], "600", "--force")[0] == 0
     assert len(PreparedData(out).processor("src").vocab) == 600

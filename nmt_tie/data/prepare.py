@@ -202,15 +202,14 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
                 raise UserError(f"--out {out} holds the input {path}; choose another --out")
     if out.exists():
         recorded = out / "prepare.json"
+        if not recorded.is_file() and (not out.is_dir() or any(out.iterdir())):
+            # --force replaces an earlier prepared directory (or an empty one), nothing else
+            raise UserError(f"{out} exists and is not an nmt-tie prepared directory; choose another --out")
         if not opts.force:
             if recorded.is_file() and _same_inputs(json.loads(recorded.read_text()), fingerprint):
                 log(f"{out} is already prepared from these inputs and options; nothing to do")
                 return json.loads((out / "stats.json").read_text())
-            why = (
-                "was prepared from other inputs or options"
-                if recorded.is_file()
-                else "exists and is not an nmt-tie prepared directory"
-            )
+            why = "was prepared from other inputs or options" if recorded.is_file() else "exists"
             raise UserError(f"{out} {why}; choose another --out or pass --force to replace it")
 
     out.parent.mkdir(parents=True, exist_ok=True)
