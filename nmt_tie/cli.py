@@ -516,7 +516,7 @@ def _run_lm_eval(args) -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     model, vocab = load_lm(load_checkpoint(args.checkpoint))
-    data = batchify(vocab.encode_file(args.text), args.batch_size)
+    data = batchify(vocab.encode_file(args.text), args.batch_size, args.text)
     nll, tokens = perplexity(model, data, args.bptt, "cpu")
     result = {"ppl": round(math.exp(nll), 2), "nll": round(nll, 4), "tokens": tokens}
     print(

@@ -223,6 +223,12 @@ def test_lm_training_resumes_only_on_the_text_it_was_trained_on(tmp_path, ptb_sl
     assert make_trainer(lm_config(tmp_path, ptb_slice, max_updates=6)).update == 3
 
 
+def test_a_text_too_short_for_the_streams_is_named(tmp_path, ptb_slice):
+    short = write_lines(tmp_path / "short.txt", ["a b c"])
+    with pytest.raises(UserError, match=f"{short}: too short for 10 streams \\(4 tokens"):
+        make_trainer(lm_config(tmp_path, {**ptb_slice, "valid": short}))
+
+
 def test_unknown_words_without_unk_name_the_file_and_line(tmp_path):
     write_lines(tmp_path / "train.txt", ["a b c", "a b"])
     write_lines(tmp_path / "test.txt", ["a b", "a zebra"])

@@ -72,11 +72,13 @@ class WordVocabulary:
         return np.asarray(ids, dtype=np.int64)
 
 
-def batchify(ids: np.ndarray, streams: int) -> torch.Tensor:
+def batchify(ids: np.ndarray, streams: int, source: str | Path = "the text") -> torch.Tensor:
     """(streams, length): the id stream cut into `streams` contiguous pieces (tail dropped)."""
     length = len(ids) // streams
     if length < 2:
-        raise UserError(f"text too short for {streams} streams")
+        raise UserError(
+            f"{source}: too short for {streams} streams ({len(ids)} tokens, at least {2 * streams} needed)"
+        )
     return torch.from_numpy(ids[: streams * length].reshape(streams, length).copy())
 
 
@@ -111,8 +113,12 @@ class LanguageModelTask:
         self.model_config = model_cfg
         self.extra_configs = (data_cfg,)
         self.decay_start = data_cfg.decay_start
-        self.train = batchify(self.vocab.encode_file(Path(data_cfg.train_text)), data_cfg.batch_size)
-        self.valid = batchify(self.vocab.encode_file(Path(data_cfg.valid_text)), data_cfg.eval_batch_size)
+        self.train = batchify(
+            self.vocab.encode_file(Path(data_cfg.train_text)), data_cfg.batch_size, data_cfg.train_text
+        )
+        self.valid = batchify(
+            self.vocab.encode_file(Path(data_cfg.valid_text)), data_cfg.eval_batch_size, data_cfg.valid_text
+        )
         self.windows = math.ceil((self.train.size(1) - 1) / data_cfg.bptt)
         self.epoch = 1
         self.position = 0  # next window of the epoch
