@@ -351,6 +351,7 @@ class ExportedTranslator(TextTranslator):
             batch_type="tokens",
             return_scores=True,
         )
+        self.lines_done(len(sources))
         index = self.tgt.vocab.index
         return [
             [

@@ -16,13 +16,15 @@ def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str 
     return iter(tqdm(items, desc=desc, total=total, unit=unit, disable=not sys.stderr.isatty(), leave=False))
 
 
-def progress_bar(desc: str, total: int | None = None, unit: str = "it", initial: int = 0) -> tqdm:
+def progress_bar(
+    desc: str, total: int | None = None, unit: str = "it", initial: int = 0, enabled: bool = True
+) -> tqdm:
     """A manually advanced bar (call `.update(n)`), disabled when stderr is not a TTY."""
     return tqdm(
         desc=desc,
         total=total,
         unit=unit,
         initial=initial,
-        disable=not sys.stderr.isatty(),
+        disable=not (enabled and sys.stderr.isatty()),
         dynamic_ncols=True,
     )

@@ -18,9 +18,11 @@ import gzip
 import os
 import select
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nmt_tie.data.text import decode_line
@@ -65,6 +67,8 @@ class TextTranslator:
         self.src, self.tgt = src, tgt
         self.options = options or SearchOptions()
         self.warn = warn or (lambda message: print(message, file=sys.stderr))
+        # told how many lines are done as batches finish (a progress bar's update)
+        self.lines_done: Callable[[int], object] = lambda count: None
 
     def translate_ids(self, sources: list[list[int]]) -> list[list[Hypothesis]]:
         """Hypotheses (best first) for id sequences (without EOS), in input order."""
@@ -75,6 +79,7 @@ class TextTranslator:
     ) -> list[list[tuple[str, float]]]:
         """(text, score) hypotheses per line; empty lines get an empty hypothesis list."""
         todo = [i for i, line in enumerate(lines) if line.strip()]
+        self.lines_done(len(lines) - len(todo))
         encoded = self.src.encode([lines[i] for i in todo])
         limit = self.options.max_src_len
         for i, ids in zip(todo, encoded, strict=True):
@@ -187,6 +192,7 @@ class Translator(TextTranslator):
             src = pad_sequences([sources[i] for i in chunk], None, EOS_ID, ladder=True).to(self.device)
             for i, hyps in zip(chunk, self._search(src), strict=True):
                 results[i] = hyps
+            self.lines_done(len(chunk))
             release_free_memory(self.device)  # bf16 decoding leaves free heap pages behind
             start += size
         return results
@@ -255,11 +261,22 @@ def gzip_line_batches(path: str, max_lines: int) -> Iterator[tuple[int, list[str
 def translate_stream(
     translator: TextTranslator, source: str | None, target: str | None, buffer_lines: int = 1000
 ) -> int:
-    """Translate a file (or stdin) into a file (or stdout); return the number of lines."""
+    """Translate a file (or stdin) into a file (or stdout); return the number of lines.
+
+    With a terminal on stderr and the translations going elsewhere, a progress bar counts the
+    lines; a summary line (lines, output words, seconds) ends on stderr."""
+    from nmt_tie.data.text import count_lines
+    from nmt_tie.progress import progress_bar
+
     name = source or "<stdin>"
     nbest = translator.options.nbest > 1
-    count = 0
+    count = words = 0
+    started = time.perf_counter()
     with ExitStack() as stack:
+        shown = target is not None or not sys.stdout.isatty()  # not over the translations
+        total = count_lines(Path(source)) if source and shown and sys.stderr.isatty() else None
+        bar = stack.enter_context(progress_bar("translate", total, "lines", enabled=shown))
+        translator.lines_done = bar.update
         if source and source.endswith(".gz"):
             batches = gzip_line_batches(source, buffer_lines)
         else:
@@ -279,6 +296,9 @@ def translate_stream(
                         out.write(f"{first + offset}\t{score:.4f}\t{text}\n")
                 else:
                     out.write((hyps[0][0] if hyps else "") + "\n")
+                words += len(hyps[0][0].split()) if hyps else 0
             out.flush()
             count += len(lines)
+    seconds = time.perf_counter() - started
+    print(f"translated {count:,} lines into {words:,} words in {seconds:.1f} s", file=sys.stderr)
     return count

@@ -417,6 +417,20 @@ def test_translate_compile_gives_the_eager_output_and_counts_its_graphs(
     assert int(err.split("compiled graphs: ")[1].split()[0]) >= 1
 
 
+def test_translation_reports_lines_as_batches_finish_and_ends_with_a_summary(checkpoints, tmp_path, capsys):
+    ckpt, _, _ = checkpoints
+    lines = ["A dog.", "", "A man in a red shirt.", "Two women sit on a bench.", "A cat."]
+    translator = Translator.from_checkpoints([ckpt], SearchOptions(beam=2, max_tokens=16))
+    done: list[int] = []
+    translator.lines_done = done.append  # what the progress bar is told
+    translator.translate(lines)
+    assert sum(done) == len(lines) and len(done) >= 3  # batch by batch, not once at the end
+    write_lines(tmp_path / "in.en", lines)
+    code, stdout, err = run_cli(capsys, "translate", "-c", str(ckpt), "-i", str(tmp_path / "in.en"))
+    words = sum(len(line.split()) for line in stdout.splitlines())
+    assert code == 0 and err.startswith(f"translated 5 lines into {words:,} words in ")
+
+
 def test_nbest_output_lists_line_number_score_and_text(checkpoints, tmp_path, capsys):
     ckpt, _, _ = checkpoints
     write_lines(tmp_path / "in.en", ["A dog.", "", "A man in a red shirt."])
