@@ -274,7 +274,9 @@ def translate_stream(
     started = time.perf_counter()
     with ExitStack() as stack:
         shown = target is not None or not sys.stdout.isatty()  # not over the translations
-        total = count_lines(Path(source)) if source and shown and sys.stderr.isatty() else None
+        # counted only in a regular file: counting would drain a named pipe (-i <(...))
+        countable = source is not None and Path(source).is_file() and shown and sys.stderr.isatty()
+        total = count_lines(Path(source)) if countable else None
         bar = stack.enter_context(progress_bar("translate", total, "lines", enabled=shown))
         translator.lines_done = bar.update
         if source and source.endswith(".gz"):
