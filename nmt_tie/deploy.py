@@ -315,6 +315,10 @@ class ExportedTranslator(TextTranslator):
         if device == "auto":
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
         device_type, _, index = str(device).partition(":")
+        if device_type not in ("cpu", "cuda") or not (index.isdigit() or index == ""):
+            raise UserError(f"device {device!r}: give auto, cpu, cuda or cuda:N")
+        if device_type == "cuda" and ctranslate2.get_cuda_device_count() == 0:
+            raise UserError(f"device {device}: CUDA is not available here; use the cpu (or auto)")
         supported = ctranslate2.get_supported_compute_types(device_type, int(index or 0))
         if compute_type != "default" and compute_type not in supported:
             # as the PyTorch path (devices.effective_dtype): a CPU without native bf16 runs fp32

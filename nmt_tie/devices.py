@@ -19,9 +19,12 @@ def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when available, else the CPU; asking for CUDA without one is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device {name!r}: give auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name}: CUDA is not available here; use --device cpu")
+        raise UserError(f"device {name}: CUDA is not available here; use the cpu (or auto)")
     return device
 
 

@@ -302,5 +302,6 @@ def translate_stream(
             out.flush()
             count += len(lines)
     seconds = time.perf_counter() - started
-    print(f"translated {count:,} lines into {words:,} words in {seconds:.1f} s", file=sys.stderr)
+    lines = "line" if count == 1 else "lines"
+    print(f"translated {count:,} {lines} into {words:,} words in {seconds:.1f} s", file=sys.stderr)
     return count

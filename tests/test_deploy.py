@@ -235,6 +235,14 @@ def test_exports_refuse_what_ctranslate2_cannot_do(prepared, tmp_path, capsys, m
         capsys, "translate", "-c", str(tmp_path / "export"), "-c", str(checkpoint), "-i", "x"
     )
     assert code == 2 and "no ensembles" in err
+    for device in ("bogus", "cuda:x"):
+        with pytest.raises(UserError, match=f"device '{device}': give auto, cpu, cuda or cuda:N"):
+            ExportedTranslator(tmp_path / "export", device=device)
+    import ctranslate2
+
+    monkeypatch.setattr(ctranslate2, "get_cuda_device_count", lambda: 0)
+    with pytest.raises(UserError, match="device cuda: CUDA is not available here"):
+        ExportedTranslator(tmp_path / "export", device="cuda")
 
     monkeypatch.setitem(sys.modules, "ctranslate2", None)  # as if not installed
     code, _, err = run_cli(capsys, "export", str(checkpoint), "--out", str(tmp_path / "y"))

@@ -497,6 +497,9 @@ def test_an_unwritable_output_and_bad_search_options_are_one_line_errors(checkpo
     assert code == 2 and "--nbest 3: need 1 <= --nbest <= --beam (2)" in err
     code, _, err = run_cli(capsys, *argv, "--max-src-len", "0")
     assert code == 2 and "--max-src-len 0: need at least 1" in err
+    for device in ("bogus", "cuda:x"):
+        code, _, err = run_cli(capsys, *argv, "--device", device)
+        assert code == 2 and f"device {device!r}: give auto, cpu, cuda or cuda:N" in err
 
 
 def test_streaming_from_a_pipe_answers_before_the_input_ends(checkpoints):
