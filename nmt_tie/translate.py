@@ -279,6 +279,7 @@ def translate_stream(
         total = count_lines(Path(source)) if countable else None
         bar = stack.enter_context(progress_bar("translate", total, "lines", enabled=shown))
         translator.lines_done = bar.update
+        stack.callback(setattr, translator, "lines_done", lambda count: None)
         if source and source.endswith(".gz"):
             batches = gzip_line_batches(source, buffer_lines)
         else:
