@@ -280,6 +280,9 @@ def translate_stream(
         bar = stack.enter_context(progress_bar("translate", total, "lines", enabled=shown))
         translator.lines_done = bar.update
         stack.callback(setattr, translator, "lines_done", lambda count: None)
+        if not bar.disable:  # warnings above the bar, not through it
+            stack.callback(setattr, translator, "warn", translator.warn)
+            translator.warn = lambda message: bar.write(message, file=sys.stderr)
         if source and source.endswith(".gz"):
             batches = gzip_line_batches(source, buffer_lines)
         else:
