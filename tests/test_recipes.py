@@ -343,3 +343,13 @@ def test_wmt_recipe_data_step_with_a_fake_mirror(recipe, corpus, tmp_path, mirro
         assert stats["splits"][split]["read"] == 500
         fetched = list(read_lines(tmp_path / "corpora" / corpus / f"{split}.{tgt}"))
         assert fetched == [" ".join(x.split()) for x in lines[tgt]]  # sacrebleu normalizes spaces
+
+
+def test_recipe_scripts_refuse_bad_use_before_doing_anything(tmp_path):
+    runs = tmp_path / "runs"
+    argv = [sys.executable, str(RECIPES / "multi30k" / "run.py"), "--ties", "none,bogus", "--runs", str(runs)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no recipe transformer-bogus.yaml" in result.stderr
+    assert "Traceback" not in result.stderr and not runs.exists()  # nothing prepared
+    result = subprocess.run(["bash", str(RECIPES / "wmt.sh")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "run a recipe's run.sh" in result.stderr
