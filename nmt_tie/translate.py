@@ -274,13 +274,14 @@ def translate_stream(
     started = time.perf_counter()
     with ExitStack() as stack:
         shown = target is not None or not sys.stdout.isatty()  # not over the translations
-        # counted only in a regular file: counting would drain a named pipe (-i <(...))
-        countable = source is not None and Path(source).is_file() and shown and sys.stderr.isatty()
-        total = count_lines(Path(source)) if countable else None
-        bar = stack.enter_context(progress_bar("translate", total, "lines", enabled=shown))
+        bar = stack.enter_context(progress_bar("translate", None, "lines", enabled=shown))
         translator.lines_done = bar.update
         stack.callback(setattr, translator, "lines_done", lambda count: None)
-        if not bar.disable:  # warnings above the bar, not through it
+        if not bar.disable:
+            # counted only in a regular file: counting would drain a named pipe (-i <(...))
+            if source is not None and Path(source).is_file():
+                bar.total = count_lines(Path(source))
+            # warnings above the bar, not through it
             stack.callback(setattr, translator, "warn", translator.warn)
             translator.warn = lambda message: bar.write(message, file=sys.stderr)
         if source and source.endswith(".gz"):

@@ -197,7 +197,7 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
     out = Path(opts.out)
     for split_paths in paths.values():
         for path in split_paths.values():
-            if out.resolve() in Path(path).resolve().parents:
+            if out.resolve() in path.resolve().parents:
                 # replacing --out (what --force does) would delete the corpus itself
                 raise UserError(f"--out {out} holds the input {path}; choose another --out")
     if out.exists():
