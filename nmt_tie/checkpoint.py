@@ -21,17 +21,31 @@ from nmt_tie.errors import UserError
 FORMAT = "nmt-tie/1"
 
 
+def temporary_path(path: Path) -> Path:
+    """Where `save_atomic` writes before renaming: hidden, beside `path`, one per process."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def save_atomic(payload: dict, path: str | Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over `path`."""
+    """torch.save to a temporary file in the same directory, fsync, then rename over `path`.
+
+    A write that fails (a full disk, a quota, an I/O error) is a one-line UserError naming
+    `path` and the reason; the temporary file is removed and an earlier `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        cause = _os_error_in(err)
+        if cause is None:
+            raise
+        kept = f"; the previous {path.name} is intact" if path.exists() else ""
+        raise UserError(f"{path}: cannot write the checkpoint: {cause.strerror or cause}{kept}") from None
     finally:
         tmp.unlink(missing_ok=True)
     directory = os.open(path.parent, os.O_RDONLY)
@@ -39,6 +53,17 @@ def save_atomic(payload: dict, path: str | Path) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind a failed save: torch.save reports a failed write to a file object
+    as `RuntimeError: [enforce fail at inline_container.cc] ... unexpected pos`, with the
+    file's OSError (e.g. ENOSPC) as its context."""
+    while err is not None:
+        if isinstance(err, OSError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -601,8 +601,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.handler(args)
     except UserError as err:
-        print(f"nmt-tie {args.command}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        print(f"nmt-tie {args.command}: {err.label}: {err}", file=sys.stderr)
+        sys.exit(err.exit_status)
     except KeyboardInterrupt:
         print(f"nmt-tie {args.command}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -7,3 +7,6 @@ class UserError(Exception):
     The command-line entry point prints the message on one line, without a traceback,
     and exits with status 2. Messages name the file (and line) and say what to change.
     """
+
+    label = "error"  # the word after the command's name: "nmt-tie train: error: ..."
+    exit_status = 2

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -56,6 +57,7 @@ from nmt_tie.progress import progress_bar
 from nmt_tie.training import distributed
 from nmt_tie.training.metrics import MetricsLog
 from nmt_tie.training.optim import LRSchedule, build_optimizer
+from nmt_tie.training.preemption import StopSignals, TrainingStopped, ValidationInterrupted
 from nmt_tie.training.runlock import RunDirLock
 
 HIGHER_IS_BETTER = {"bleu": True, "chrf": True, "loss": False, "ppl": False}
@@ -147,6 +149,11 @@ class Trainer:
         # each other in different collectives until the NCCL watchdog kills the job.
         self.time_up = False
         self.save_due = False
+        # A stop signal on any rank, shared the same way (see preemption.py).
+        self.signals = StopSignals()
+        self.stop_requested = False
+        # A validation that a stop signal interrupted: the resumed run does it first.
+        self.validation_pending = False
 
         self.lock = RunDirLock(self.run_dir)
         try:
@@ -227,6 +234,10 @@ class Trainer:
                     "use another save_dir to start a new run"
                 )
         config_file.write_text(resolved)
+        # Left by a process killed while saving (SIGKILL after a scheduler's grace period):
+        # no other process writes here while this one holds the lock.
+        for leftover in self.run_dir.glob(".*.pt.tmp-*"):  # checkpoint.temporary_path's names
+            leftover.unlink(missing_ok=True)
 
     def _payload(self) -> dict:
         rng = distributed.gather_objects(rng_state(self.device), self.dist)
@@ -244,6 +255,7 @@ class Trainer:
                 "bad_validations": self.bad_validations,
                 "elapsed": self.elapsed(),
                 "last_valid": self.last_valid,
+                "validation_pending": self.validation_pending,
                 "rng": rng,
             },
             "task": self.task.state_dict(),
@@ -272,6 +284,7 @@ class Trainer:
         self.bad_validations = state["bad_validations"]
         self.elapsed_before = state["elapsed"]
         self.last_valid = state["last_valid"]
+        self.validation_pending = state.get("validation_pending", False)
         self.task.load_state_dict(payload["task"])
         ranks = state["rng"]
         if len(ranks) == self.dist.world_size:
@@ -328,15 +341,17 @@ class Trainer:
             return f"no improvement in {cfg.patience} validations (patience)"
         return None
 
-    def _clock_flags(self) -> list[float]:
-        """Rank 0's clock decisions [time up, save due], as numbers for the statistics tensor."""
+    def _stop_flags(self) -> list[float]:
+        """[time up, save due, stop signal] as numbers for the statistics tensor: rank 0's
+        clock decisions, and whether this rank received a stop signal."""
+        stop = float(self.signals.received is not None)
         if not self.dist.is_main:
-            return [0.0, 0.0]
+            return [0.0, 0.0, stop]
         now = time.perf_counter()
         time_up = bool(self.cfg.max_time) and self.elapsed() >= self.cfg.max_time * 60
         minutes = self.cfg.save_every_minutes
         save_due = bool(minutes) and now - self.last_save >= minutes * 60
-        return [float(time_up), float(save_due)]
+        return [float(time_up), float(save_due), stop]
 
     def train_step(self) -> tuple[float, float, float, float | None]:
         """One update (update_freq batches); returns summed loss, nll, tokens, grad norm.
@@ -378,17 +393,17 @@ class Trainer:
         grad_norm = None
         if cfg.clip_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
-        # loss, nll, tokens and the clock flags are summed over workers (only rank 0 sets the
+        # loss, nll, tokens and the flags are summed over workers (only rank 0 sets the clock
         # flags); the gradient norm is the same on every worker and is not.
-        host = torch.tensor([tokens, *self._clock_flags()], dtype=torch.float64)
+        host = torch.tensor([tokens, *self._stop_flags()], dtype=torch.float64)
         stats = torch.cat([sums, host.to(self.device, non_blocking=True)])
         if self.dist.enabled:
             torch.distributed.all_reduce(stats)
         if grad_norm is not None:
             stats = torch.cat([stats, grad_norm.detach().double().reshape(1)])
         values = stats.tolist()  # the one synchronization of an update
-        loss_sum, nll_sum, total_tokens, time_up, save_due = values[:5]
-        self.time_up, self.save_due = time_up > 0, save_due > 0
+        loss_sum, nll_sum, total_tokens, time_up, save_due, stop = values[:6]
+        self.time_up, self.save_due, self.stop_requested = time_up > 0, save_due > 0, stop > 0
         if not math.isfinite(loss_sum):
             raise TrainingDiverged(
                 f"training diverged at update {self.update + 1}: the loss is {loss_sum}; the last good "
@@ -402,18 +417,30 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.update += 1
         self.task.after_update()
-        return loss_sum, nll_sum, total_tokens, (values[5] if grad_norm is not None else None)
+        return loss_sum, nll_sum, total_tokens, (values[6] if grad_norm is not None else None)
 
     def validate(self) -> bool:
-        """Validate on rank 0, share the result; return whether the metric improved."""
+        """Validate on rank 0, share the result; return whether the metric improved.
+
+        Raises ValidationInterrupted on every rank when a stop signal interrupts it."""
         result = None
         if self.dist.is_main:
             self.model.eval()
-            # Not inside the training autocast: validation has a precision of its own.
-            with autocast_context(self.device, self.valid_precision), torch.no_grad():
-                result = self.task.validate(self.model, self.run_dir)
-            self.model.train()
+            try:
+                # Not inside the training autocast: validation has a precision of its own.
+                with (
+                    self.signals.interruptible(),
+                    autocast_context(self.device, self.valid_precision),
+                    torch.no_grad(),
+                ):
+                    result = self.task.validate(self.model, self.run_dir)
+            except ValidationInterrupted:
+                result = "interrupted"
+            finally:
+                self.model.train()
         result = distributed.broadcast_object(result, self.dist)
+        if result == "interrupted":
+            raise ValidationInterrupted
         metric = result[self.cfg.valid_metric]
         better = HIGHER_IS_BETTER[self.cfg.valid_metric]
         improved = self.best is None or (metric > self.best if better else metric < self.best)
@@ -436,6 +463,27 @@ class Trainer:
         self.say(f"update {self.update} valid: {shown}{' (best)' if improved else ''}")
         return improved
 
+    def _validate_and_save(self) -> None:
+        self.validation_pending = True  # until done: a signal may interrupt it
+        try:
+            improved = self.validate()
+        except ValidationInterrupted:
+            self._stop_on_signal()
+        self.validation_pending = False
+        self.save(improved)
+
+    def _stop_on_signal(self) -> None:
+        """Write last.pt (every rank takes part) and end the run with the signal's status."""
+        self.save(improved=False)
+        self.log.write("stopped", {"update": self.update, "signal": self.signals.name})
+        where = self.run_dir / "last.pt"
+        pending = "; the validation it interrupted comes first" if self.validation_pending else ""
+        raise TrainingStopped(
+            f"{self.signals.name} at update {self.update}: saved {where}{pending}; "
+            "run the same command again to resume",
+            self.signals.received or signal.SIGTERM,
+        )
+
     def run(self) -> dict:
         cfg = self.cfg
         if not (cfg.max_updates or cfg.max_epochs or cfg.max_time or cfg.patience):
@@ -446,33 +494,14 @@ class Trainer:
             bar = progress_bar("train", total=cfg.max_updates or None, unit="upd", initial=self.update)
         window = LogWindow()
         trimmer = HeapTrimmer(self.device)
-        reason = self._stop_reason()
         try:
-            while reason is None:
-                epoch_before = self.task.epoch
-                loss_sum, nll_sum, tokens, grad_norm = self.train_step()
-                window.add(loss_sum, nll_sum, tokens)
-                if bar is not None:
-                    bar.update(1)
-                if self.update % cfg.log_every == 0:
-                    self._log_train(window, grad_norm, bar)
-                    window = LogWindow()
-                reason = self._stop_reason()
-                epoch_ended = self.task.epoch != epoch_before
-                due = self.update % cfg.valid_every == 0 if cfg.valid_every > 0 else epoch_ended
-                if due or reason is not None:
-                    improved = self.validate()
-                    self.save(improved)
-                    reason = self._stop_reason()
-                elif self.save_due:
-                    self.save(improved=False)
-                    self.log.write("save", {"update": self.update, "elapsed": round(self.elapsed(), 1)})
-                for hook in getattr(self, "after_update_hooks", []):
-                    hook(self)
-                if due:
-                    trimmer.trim()
-                elif self.update % RELEASE_MEMORY_EVERY == 0:
-                    trimmer.check()
+            with self.signals:
+                reason = self._train(window, trimmer, bar)
+        except TrainingStopped as stopped:
+            distributed.shutdown(self.dist)
+            if not self.dist.is_main:  # rank 0 says it, once
+                raise SystemExit(stopped.exit_status) from None
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -487,6 +516,41 @@ class Trainer:
         }
         distributed.shutdown(self.dist)
         return summary
+
+    def _train(self, window: LogWindow, trimmer: HeapTrimmer, bar) -> str:
+        """The loop: updates, validations and saves until a stopping rule holds."""
+        cfg = self.cfg
+        if self.validation_pending:  # interrupted by a signal: as if it had not been
+            self._validate_and_save()
+        reason = self._stop_reason()
+        while reason is None:
+            epoch_before = self.task.epoch
+            loss_sum, nll_sum, tokens, grad_norm = self.train_step()
+            window.add(loss_sum, nll_sum, tokens)
+            if bar is not None:
+                bar.update(1)
+            if self.update % cfg.log_every == 0:
+                self._log_train(window, grad_norm, bar)
+                window = LogWindow()
+            reason = self._stop_reason()
+            epoch_ended = self.task.epoch != epoch_before
+            due = self.update % cfg.valid_every == 0 if cfg.valid_every > 0 else epoch_ended
+            if self.stop_requested:
+                self.validation_pending = due or reason is not None
+                self._stop_on_signal()
+            if due or reason is not None:
+                self._validate_and_save()
+                reason = self._stop_reason()
+            elif self.save_due:
+                self.save(improved=False)
+                self.log.write("save", {"update": self.update, "elapsed": round(self.elapsed(), 1)})
+            for hook in getattr(self, "after_update_hooks", []):
+                hook(self)
+            if due:
+                trimmer.trim()
+            elif self.update % RELEASE_MEMORY_EVERY == 0:
+                trimmer.check()
+        return reason
 
     def _log_train(self, window: LogWindow, grad_norm: float | None, bar) -> None:
         seconds = max(1e-9, time.perf_counter() - window.start)
