@@ -107,9 +107,16 @@ class TrainConfig:
     #                              memory) or bf16 products (1.60x: oneDNN keeps a kernel per shape;
     #                              about as fast: 0.97-1.02x per update, the same whole-run time)
     # batching
-    max_tokens: int = 4096  # padded source + target tokens per batch (per GPU)
-    max_sentences: int = 0  # optional cap on sentences per batch; 0 = none
-    update_freq: int = 1  # gradient accumulation: batches per update
+    max_tokens: int | str = 4096  # padded source + target tokens per batch and worker (GPU), or
+    #                               `auto`: the largest whose estimated worst-case memory fits
+    #                               the GPU's free memory (or memory_budget)
+    max_sentences: int = 0  # optional cap on sentences per batch and worker; 0 = none
+    update_freq: int = 1  # gradient accumulation: batches per update (derived when a global batch is set)
+    global_batch_tokens: int = 0  # target tokens per update, all workers together: the trainer
+    #                               derives the accumulation and per-worker batch; 0 = off
+    global_batch_sentences: int = 0  # sentences per update, all workers together; 0 = off
+    memory_budget: float = 0.0  # GiB per worker for max_tokens: auto; 0 = 90% of the GPU's free
+    #                             memory (half the available memory on a CPU)
     shape_ladder: bool = True  # batch widths and sentence counts on a ladder of 8 values per
     #                            doubling: few tensor shapes (flat memory, compile), ~1% more padded tokens
     # stopping
@@ -157,7 +164,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if value is None and type(None) in args:
         return None
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        hint = next(a for a in args if a is not type(None))
+        members = [a for a in args if a is not type(None)]
+        for member in members[:-1]:  # the first type that takes the value (int | str: 4096 or auto)
+            try:
+                return _coerce(key, value, member)
+            except UserError:
+                pass
+        hint = members[-1]
         origin = typing.get_origin(hint)
     try:
         if hint is bool:

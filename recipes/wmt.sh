@@ -1,15 +1,20 @@
 # Shared stages of the WMT recipes; each recipe's run.sh sets its variables and sources this.
 #
-#   data   nmt-tie data fetch CORPUS (needs the internet, or MIRROR=URL), then nmt-tie prepare
+#   data   nmt-tie data fetch CORPUS (needs the internet, or MIRROR=URL), then nmt-tie prepare;
+#          with CORPUS_DIR, prepare from a local directory instead (nothing is downloaded)
 #   train  torchrun ... -m nmt_tie train ARCH-TIE.yaml for every tying mode in TIES
 #   eval   translate every test set with beam search, score with sacrebleu, nmt-tie compare
-#   all    the three in order (the default)
+#   all    the three in order (the default); several stages may be given: data train eval
 #
 # Environment: CORPORA (downloads, default corpora/), RUNS (default runs/CORPUS), GPUS per node
 # (default 1), TORCHRUN_ARGS (e.g. "--nnodes 2 --node_rank 0 --rdzv_backend c10d
 # --rdzv_endpoint host0:29500" for several nodes), TIES (default "none decoder all"),
-# OVERRIDES (extra key=value config overrides), NMT_TIE (default nmt-tie), MIRROR,
-# EVAL_DTYPE (precision of the final translations, default fp32), LENGTH_NORM (average | gnmt).
+# OVERRIDES (extra key=value config overrides), NMT_TIE (default nmt-tie), TORCHRUN (default
+# torchrun), MIRROR, EVAL_DTYPE (precision of the final translations, default fp32),
+# LENGTH_NORM (average | gnmt), VALID and TESTS (set names), VOCAB, MAX_LEN, BEAM, LENPEN.
+# A local corpus: CORPUS_DIR (a directory of NAME.SRC and NAME.TGT files, gzip or not) and
+# TRAIN_SETS (the names in it to train on, concatenated; default "train"), e.g. the news test
+# sets of ../shared/data/wmt (recipe READMEs: "A run on local news text").
 set -euo pipefail
 
 if [[ ${#BASH_SOURCE[@]} -lt 2 || -z ${CORPUS:-} ]]; then
@@ -17,6 +22,8 @@ if [[ ${#BASH_SOURCE[@]} -lt 2 || -z ${CORPUS:-} ]]; then
   exit 2
 fi
 HERE=$(cd "$(dirname "${BASH_SOURCE[1]}")" && pwd)
+CORPUS_DIR=${CORPUS_DIR:-}
+TRAIN_SETS=${TRAIN_SETS:-train}
 NMT_TIE=${NMT_TIE:-nmt-tie}
 TORCHRUN=${TORCHRUN:-torchrun}
 CORPORA=${CORPORA:-corpora}
@@ -30,12 +37,35 @@ LENGTH_NORM=${LENGTH_NORM:-average}  # score / length ** LENPEN (average) or GNM
 
 say() { echo "+ $*" >&2; "$@"; }
 
+# The directory holding the sets (train, VALID, TESTS) as NAME.LANG or NAME.LANG.gz.
+sets_dir() { if [ -n "$CORPUS_DIR" ]; then echo "$CORPUS_DIR"; else echo "$CORPORA/$CORPUS"; fi; }
+
+# The file of one set and language, gzip-compressed or not.
+set_file() {
+  local dir; dir=$(sets_dir)
+  if [ -e "$dir/$1.$2" ]; then echo "$dir/$1.$2"; else echo "$dir/$1.$2.gz"; fi
+}
+
 stage_data() {
-  say $NMT_TIE data fetch "$CORPUS" --dest "$CORPORA" ${MIRROR:+--mirror "$MIRROR"}
+  local sets train
+  sets=$(sets_dir) train="$sets/train"
+  if [ -z "$CORPUS_DIR" ]; then
+    say $NMT_TIE data fetch "$CORPUS" --dest "$CORPORA" ${MIRROR:+--mirror "$MIRROR"}
+  elif [ "$TRAIN_SETS" != train ]; then
+    # several local sets: their concatenation is the training data
+    train="$RUNS/corpus/train"
+    mkdir -p "$RUNS/corpus"
+    for lang in "$SRC" "$TGT"; do
+      local files=()
+      for name in $TRAIN_SETS; do files+=("$(set_file "$name" "$lang")"); done
+      echo "+ zcat -f ${files[*]} | gzip > $train.$lang.gz" >&2
+      zcat -f "${files[@]}" | gzip > "$train.$lang.gz.tmp" && mv "$train.$lang.gz.tmp" "$train.$lang.gz"
+    done
+  fi
   local tests=()
-  for name in $TESTS; do tests+=("$CORPORA/$CORPUS/$name"); done
-  say $NMT_TIE prepare --src "$SRC" --tgt "$TGT" --train "$CORPORA/$CORPUS/train" \
-    --valid "$CORPORA/$CORPUS/$VALID" --test "${tests[@]}" --out "$RUNS/data" \
+  for name in $TESTS; do tests+=("$sets/$name"); done
+  say $NMT_TIE prepare --src "$SRC" --tgt "$TGT" --train "$train" \
+    --valid "$sets/$VALID" --test "${tests[@]}" --out "$RUNS/data" \
     --vocab-size "$VOCAB" --max-len "$MAX_LEN"
 }
 
@@ -57,18 +87,27 @@ stage_eval() {
       checkpoint="$run/averaged.pt"
     fi
     for name in $TESTS; do
-      say $NMT_TIE translate -c "$checkpoint" -i "$CORPORA/$CORPUS/$name.$SRC" -o "$run/$name.hyp" \
+      say $NMT_TIE translate -c "$checkpoint" -i "$(set_file "$name" "$SRC")" -o "$run/$name.hyp" \
         --beam "$BEAM" --lenpen "$LENPEN" --length-norm "$LENGTH_NORM" --dtype "$EVAL_DTYPE"
-      say $NMT_TIE score "$run/$name.hyp" "$CORPORA/$CORPUS/$name.$TGT" --out "$run/$name.score.json"
+      say $NMT_TIE score "$run/$name.hyp" "$(set_file "$name" "$TGT")" --out "$run/$name.score.json"
     done
   done
   say $NMT_TIE compare "${runs[@]}" -o "$RUNS/report.md" --plot "$RUNS/report.png"
 }
 
-case "${1:-all}" in
-  data) stage_data ;;
-  train) stage_train ;;
-  eval) stage_eval ;;
-  all) stage_data; stage_train; stage_eval ;;
-  *) echo "usage: $0 [data|train|eval|all]" >&2; exit 2 ;;
-esac
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(all)
+for stage in "${stages[@]}"; do
+  case "$stage" in
+    data | train | eval | all) ;;
+    *) echo "usage: $0 [data] [train] [eval] | all" >&2; exit 2 ;;
+  esac
+done
+for stage in "${stages[@]}"; do
+  case "$stage" in
+    data) stage_data ;;
+    train) stage_train ;;
+    eval) stage_eval ;;
+    all) stage_data; stage_train; stage_eval ;;
+  esac
+done

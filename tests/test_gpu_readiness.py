@@ -5,6 +5,7 @@ synchronizations, device selection, precision in effect."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import signal
@@ -512,3 +513,27 @@ def test_gemm_ceiling_times_the_transformers_own_linear_layers():
     for fan_in, fan_out, count in gemm_ceiling.linear_layers(dim, ffn, layers, vocab).values():
         timed[(fan_in, fan_out)] += count
     assert timed == actual
+
+
+def test_the_wmt_speed_script_measures_the_recipes_as_configured_on_the_cpu(tmp_path):
+    """The GPU cost script (issue 39), checked on the CPU with tiny models: the recipe's global
+    batch (25,000 target tokens), one worker of 8 as planned there, and its projections."""
+    command = [
+        sys.executable, str(BENCHMARKS / "wmt_speed.py"), "--device", "cpu", "--tiny", "--updates", "1",
+        "--jobs", "wmt14_en_de_transformer:all:eager:1,wmt15_en_de:all:eager:8", "--data-dir", str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    transformer, rnn = rows
+    assert "1 worker x" in transformer["batch"] and abs(transformer["tokens_per_update"] / 25000 - 1) < 0.25
+    # one of 8 workers of the RNN: 10 of the 80 sentences of an update
+    assert "max_sentences 10)" in rnn["batch"] and rnn["as_one_of"] == 8
+    for row in rows:
+        assert row["target_tokens_per_s"] > 0 and 0 < row["mfu"] < 1
+        # the full budget at this speed: updates x global batch / tokens per second (x workers)
+        speed = row["target_tokens_per_s"] * row["as_one_of"]
+        assert row["hours"] == pytest.approx(row["budget_updates"] * row["global_tokens"] / speed / 3600)
+    assert transformer["global_tokens"] == 25000 and transformer["budget_updates"] == 100_000
+    assert rnn["budget_updates"] == 300_000
+    assert "hours: the recipe's max_updates x its global batch" in result.stdout

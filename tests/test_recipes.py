@@ -353,3 +353,76 @@ def test_recipe_scripts_refuse_bad_use_before_doing_anything(tmp_path):
     assert "Traceback" not in result.stderr and not runs.exists()  # nothing prepared
     result = subprocess.run(["bash", str(RECIPES / "wmt.sh")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "run a recipe's run.sh" in result.stderr
+
+
+# --- the WMT recipes end to end, on local news text ------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "recipe, pair, model",
+    [
+        ("wmt14_en_de_transformer", "en-de", "emb_dim=32 ffn_dim=64 enc_layers=1 dec_layers=1 heads=2"),
+        ("wmt15_en_de", "en-de", "emb_dim=32 hidden_dim=32"),
+        ("wmt14_en_fr", "en-fr", "emb_dim=32 hidden_dim=32"),
+    ],
+)
+def test_a_wmt_recipe_runs_end_to_end_on_local_news_text(recipe, pair, model, tmp_path, corpora):
+    """`run.sh data train eval` with CORPUS_DIR: newstest2009-2012 as training data, 2013 for
+    validation, 2014 for test (their first lines, for time), a tiny model and a few updates
+    as overrides; every stage as the recipe has it (its batching, length normalization,
+    averaging)."""
+    src, tgt = pair.split("-")
+    local = tmp_path / "news"
+    local.mkdir()
+    for year, lines in [(2009, 300), (2010, 300), (2011, 300), (2012, 300), (2013, 40), (2014, 30)]:
+        for lang in (src, tgt):
+            text = itertools.islice(read_lines(corpora / "wmt" / pair / f"newstest{year}.{lang}.gz"), lines)
+            name = local / (f"newstest{year}.{lang}.gz" if year < 2013 else f"newstest{year}.{lang}")
+            with (gzip.open if year < 2013 else open)(name, "wt", encoding="utf-8") as handle:
+                handle.writelines(line + "\n" for line in text)
+    runs = tmp_path / "runs"
+    env = {
+        **os.environ,
+        "CORPUS_DIR": str(local),
+        "TRAIN_SETS": "newstest2009 newstest2010 newstest2011 newstest2012",
+        "TESTS": "newstest2014",
+        "RUNS": str(runs),
+        "VOCAB": "500",
+        "NMT_TIE": f"{sys.executable} -m nmt_tie",
+        "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
+        "OVERRIDES": f"{model} max_updates=4 valid_every=2 save_every=2 log_every=2 threads=1",
+        "OMP_NUM_THREADS": "1",
+    }
+    result = subprocess.run(
+        ["bash", str(RECIPES / recipe / "run.sh"), "data", "train", "eval"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    stats = json.loads((runs / "data" / "stats.json").read_text())
+    assert stats["splits"]["train"]["read"] == 1200 and stats["splits"]["newstest2014"]["read"] == 30
+    recipe_config = yaml.safe_load((RECIPES / recipe / f"{recipe_arch(recipe)}-all.yaml").read_text())
+    for tie in ("none", "decoder", "all"):
+        run = runs / f"{recipe_arch(recipe)}-{tie}"
+        setup = next(r for r in read_log(run) if r["type"] == "setup")
+        assert any(note.startswith("max_tokens auto: ") for note in setup["batch_notes"])
+        if recipe_config.get("global_batch_tokens"):  # about 25,000 target tokens (the data has 36,000)
+            assert abs(setup["tokens_per_update"] / recipe_config["global_batch_tokens"] - 1) < 0.15
+        else:  # 80 sentences: one batch of 80 (fewer in the epoch's last batches)
+            assert (setup["max_sentences"], setup["update_freq"]) == (80, 1)
+            assert len(setup["batch_notes"]) == 2  # max_tokens is not what limits the batch
+        score = json.loads((run / "newstest2014.score.json").read_text())
+        assert {"bleu", "chrf"} <= set(score)
+        assert len((run / "newstest2014.hyp").read_text().splitlines()) == 30
+    transformer = recipe_arch(recipe) == "transformer"
+    assert ("--length-norm gnmt" in result.stderr) == transformer  # Vaswani et al.'s length penalty
+    assert (runs / "transformer-all" / "averaged.pt").exists() == transformer  # the last checkpoints averaged
+    report = (runs / "report.md").read_text()
+    assert all(f"| {recipe_arch(recipe)}-{tie} |" in report for tie in ("none", "decoder", "all"))
+
+
+def recipe_arch(recipe: str) -> str:
+    return "transformer" if "transformer" in recipe else "rnn"

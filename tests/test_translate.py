@@ -230,6 +230,17 @@ def test_ensemble_of_one_checkpoint_twice_equals_that_checkpoint(checkpoints, sm
         assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-4)
 
 
+def test_a_line_break_spelled_in_bytes_never_splits_an_output_line(checkpoints):
+    """Byte fallback lets a model spell any byte, <0x0A> (a line break) too: untrained models
+    do, and every later output line would then be one off against its input."""
+    _, _, data = checkpoints
+    target = PreparedData(data).processor("tgt")
+    word = target.encode(["Haus"])[0]
+    breaks = [target._sp.piece_to_id(f"<0x{code:02X}>") for code in (0x0A, 0x0D, 0x0C)]
+    text = target.decode([*word, breaks[0], *word, breaks[1], breaks[2], *word])
+    assert text.splitlines() == [text] and text.count("Haus") == 3
+
+
 needs_packing = pytest.mark.skipif(not packing_available(), reason="no oneDNN linear kernel in this PyTorch")
 
 

@@ -215,6 +215,12 @@ class TokenBucketSampler:
     same number of steps. The position is global (batches of the epoch consumed by all
     workers together), so a run saved with N workers resumes with any other number: the rest
     of the epoch is re-sharded and no sentence is seen twice.
+
+    A run resumed with another per-worker batch (`max_tokens`, `max_sentences`: a global
+    batch spread over another number of workers, or a batch lowered after running out of
+    memory) cuts the sentences its epoch has not yet seen into batches of the new size: the
+    saved state lists the earlier segments of the epoch (their batch sizes and how many of
+    their batches were consumed), from which every worker rebuilds the same remainder.
     """
 
     def __init__(
@@ -240,28 +246,47 @@ class TokenBucketSampler:
         self.max_sentences = max_sentences
         self.epoch = 1
         self.consumed = 0  # batches of this epoch's global list taken by all workers together
-        self._cache: tuple[int, list[np.ndarray]] | None = None
+        # Earlier segments of this epoch, cut with other batch sizes: [max_tokens,
+        # max_sentences, batches consumed] each (empty unless the batch size changed mid-epoch).
+        self.earlier: list[list[int]] = []
+        self._cache: tuple[tuple, list[np.ndarray]] | None = None
 
-    def global_batches(self, epoch: int) -> list[np.ndarray]:
-        """Every worker's batches of one epoch, in the order they are taken."""
-        if self._cache and self._cache[0] == epoch:
-            return self._cache[1]
-        n = len(self.src_lengths)
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
+    @property
+    def batch_size(self) -> list[int]:
+        return [self.max_tokens, self.max_sentences or 0]
+
+    def _cut(self, epoch: int, segment: int, pool: np.ndarray, max_tokens: int, max_sentences: int):
+        """The batches of the sentences `pool` in one segment of an epoch, in the order taken."""
+        seeds = [self.seed, epoch] if segment == 0 else [self.seed, epoch, segment]
+        rng = np.random.default_rng(seeds)
+        order = pool[rng.permutation(len(pool))] if self.shuffle else pool
         # Stable sort by target then source length: the permutation breaks ties randomly.
         order = order[np.lexsort((self.src_lengths[order], self.tgt_lengths[order]))]
         batches = token_buckets(
-            self.src_lengths, self.tgt_lengths, self.max_tokens, order, self.max_sentences, self.ladder
+            self.src_lengths, self.tgt_lengths, max_tokens, order, max_sentences or None, self.ladder
         )
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        if len(batches) < self.num_shards:
+        return batches
+
+    def global_batches(self, epoch: int) -> list[np.ndarray]:
+        """Every worker's batches of one epoch (of its current segment), in the order taken."""
+        earlier = self.earlier if epoch == self.epoch else []
+        key = (epoch, tuple(map(tuple, earlier)))
+        if self._cache and self._cache[0] == key:
+            return self._cache[1]
+        pool = np.arange(len(self.src_lengths))
+        for segment, (max_tokens, max_sentences, consumed) in enumerate(earlier):
+            taken = self._cut(epoch, segment, pool, max_tokens, max_sentences)[:consumed]
+            if taken:
+                pool = np.setdiff1d(pool, np.concatenate(taken), assume_unique=True)
+        batches = self._cut(epoch, len(earlier), pool, *self.batch_size) if len(pool) else []
+        if len(batches) < self.num_shards and not earlier:
             raise UserError(
                 f"{len(batches)} batches cannot be shared by {self.num_shards} workers; "
                 "lower max_tokens or use fewer workers"
             )
-        self._cache = (epoch, batches)
+        self._cache = (key, batches)
         return batches
 
     def __len__(self) -> int:
@@ -274,9 +299,13 @@ class TokenBucketSampler:
         batch = batches[self.consumed + self.shard]
         self.consumed += self.num_shards
         if self.consumed + self.num_shards > len(batches):
-            self.epoch += 1
-            self.consumed = 0
+            self._next_epoch()
         return batch
+
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        self.consumed = 0
+        self.earlier = []
 
     def __iter__(self) -> Iterator[np.ndarray]:
         """Yield the rest of the current epoch."""
@@ -290,20 +319,28 @@ class TokenBucketSampler:
             "consumed": self.consumed,  # global: batches taken by all workers together
             "num_shards": self.num_shards,
             "seed": self.seed,
+            "batch_size": self.batch_size,  # [max_tokens, max_sentences] of this segment's batches
+            "earlier": [list(segment) for segment in self.earlier],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a position saved by any number of workers."""
+        """Restore a position saved by any number of workers, with any batch size."""
         if state["seed"] != self.seed:
             raise UserError(
                 f"the checkpoint's data order uses seed {state['seed']}, this run seed {self.seed}"
             )
         self.epoch = int(state["epoch"])
         if "consumed" in state:
-            self.consumed = int(state["consumed"])
+            consumed = int(state["consumed"])
         else:  # checkpoints before nmt-tie 0.2 saved a position within one worker's shard
-            self.consumed = int(state["position"]) * int(state.get("num_shards", self.num_shards))
+            consumed = int(state["position"]) * int(state.get("num_shards", self.num_shards))
+        self.earlier = [list(segment) for segment in state.get("earlier", [])]
+        saved_size = list(state.get("batch_size", self.batch_size))  # older checkpoints: the same
+        if saved_size == self.batch_size:
+            self.consumed = consumed
+        else:  # the rest of the epoch is cut into batches of this run's size
+            self.earlier.append([*saved_size, consumed])
+            self.consumed = 0
         if self.consumed + self.num_shards > len(self.global_batches(self.epoch)):
             # Fewer batches are left in the epoch than this run has workers.
-            self.epoch += 1
-            self.consumed = 0
+            self._next_epoch()

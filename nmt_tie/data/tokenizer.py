@@ -92,6 +92,10 @@ class MosesSteps:
         return self.detokenizer.detokenize(text.split(), unescape=False)
 
 
+# What str.splitlines() (and text-mode readers such as sacreBLEU's) take for the end of a line.
+LINE_BREAKS_TO_SPACE = str.maketrans(dict.fromkeys("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029", " "))
+
+
 class TextProcessor:
     """Raw text of one language to piece ids and back (Moses steps are optional)."""
 
@@ -113,7 +117,9 @@ class TextProcessor:
         return self.encode_pretokenized([self.pretokenize(line) for line in lines])
 
     def decode(self, ids: Sequence[int]) -> str:
-        text = self._sp.decode([int(i) for i in ids])
+        """One line of text: byte fallback can spell a line break (piece <0x0A>), which would
+        shift every later line of the output against its input; it becomes a space."""
+        text = self._sp.decode([int(i) for i in ids]).translate(LINE_BREAKS_TO_SPACE)
         return self._moses.detokenize(text) if self._moses else text
 
     def pieces(self, ids: Sequence[int]) -> list[str]:

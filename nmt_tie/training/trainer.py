@@ -118,6 +118,8 @@ class Trainer:
         self.cfg = train_cfg
         self.say = log or (lambda message: print(message, file=sys.stderr, flush=True))
         self.dist, self.device = distributed.init_distributed(resolve_device(train_cfg.device))
+        if not self.dist.is_main:  # rank 0 speaks for all
+            self.say = lambda message: None
         if train_cfg.threads > 0:
             torch.set_num_threads(train_cfg.threads)
         keep_large_tensors_in_heap(self.device)
@@ -133,6 +135,11 @@ class Trainer:
 
         self.task = task_factory(model_cfg, train_cfg, self.dist, self.device)
         self.model_cfg = self.task.model_config
+        # How an update's batch is made (batch_plan.py); tasks without a plan accumulate update_freq.
+        plan = getattr(self.task, "batch_plan", None)
+        if plan is None and (train_cfg.global_batch_tokens or train_cfg.global_batch_sentences):
+            raise UserError("global_batch_tokens and global_batch_sentences are for translation models")
+        self.update_freq = plan.update_freq if plan is not None else train_cfg.update_freq
         self.model: nn.Module = self.task.build_model().to(self.device)
         self.optimizer = build_optimizer(self.model.parameters(), train_cfg)
         self.schedule = LRSchedule(self.optimizer, train_cfg, getattr(self.task, "decay_start", 0))
@@ -168,6 +175,8 @@ class Trainer:
         self.log = MetricsLog(self.run_dir, self.dist.is_main, self.update if resumed else None)
         precision = describe_precision(self.device, train_cfg.dtype, self.precision, train_cfg.tf32)
         self.say(f"{precision}; validation in {self.valid_precision}")
+        for line in [*plan.notes, plan.describe()] if plan is not None else []:
+            self.say(line)
         self.log.write(
             "setup",
             {
@@ -177,6 +186,7 @@ class Trainer:
                 "dtype": self.precision,
                 "valid_dtype": self.valid_precision,
                 "tf32": bool(train_cfg.tf32 and self.device.type == "cuda" and self.precision == "fp32"),
+                **(plan.record() if plan is not None else {"update_freq": self.update_freq}),
             },
         )
 
@@ -363,7 +373,7 @@ class Trainer:
         self.train_model.train()
         self.schedule.set_epoch(self.task.epoch)
         self.schedule.set_update(self.update)
-        batches = [self.task.next_batch() for _ in range(cfg.update_freq)]
+        batches = [self.task.next_batch() for _ in range(self.update_freq)]
         # The gradient is that of (summed loss of all workers) / (their summed normalizer).
         normalizer = getattr(self.task, "loss_normalizer", self.task.batch_tokens)
         total_norm = distributed.all_reduce_sum(
@@ -563,6 +573,7 @@ class Trainer:
             "ppl": round(math.exp(min(50.0, window.nll / tokens)), 2),
             "lr": self.schedule.lr,
             "tokens_per_s": round(window.tokens / seconds, 1),
+            "tokens_per_update": round(window.tokens / max(1, window.updates), 1),
             "updates_per_s": round(window.updates / seconds, 3),
             "elapsed": round(self.elapsed(), 1),
         }

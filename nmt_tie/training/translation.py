@@ -17,6 +17,8 @@ from nmt_tie.data.tokenizer import PAD_ID
 from nmt_tie.errors import UserError
 from nmt_tie.evaluate import score
 from nmt_tie.model.seq2seq import build_model, configure_for_data
+from nmt_tie.training import distributed
+from nmt_tie.training.batch_plan import plan_batches
 from nmt_tie.training.distributed import DistInfo
 from nmt_tie.training.loss import label_smoothed_nll
 from nmt_tie.translate import SearchOptions, Translator
@@ -43,16 +45,27 @@ class TranslationTask:
         self.src_proc = self.prepared.processor("src")
         self.tgt_proc = self.prepared.processor("tgt")
         self.train_data = ParallelData(self.prepared, "train")
+        self.batch_plan = plan_batches(
+            self.model_config,
+            cfg,
+            self.train_data.src_lengths,
+            self.train_data.tgt_lengths,
+            dist.world_size,
+            device,
+            agree=lambda value: min(distributed.gather_objects(value, dist)),
+        )
         self.sampler = TokenBucketSampler(
             self.train_data.src_lengths,
             self.train_data.tgt_lengths,
-            max_tokens=cfg.max_tokens,
+            max_tokens=self.batch_plan.max_tokens,
             seed=cfg.seed,
             num_shards=dist.world_size,
             shard=dist.rank,
-            max_sentences=cfg.max_sentences or None,
+            max_sentences=self.batch_plan.max_sentences or None,
             ladder=cfg.shape_ladder,
         )
+        # validation and its translations: batches as large as a training batch (known to fit)
+        self.valid_max_tokens = self.batch_plan.max_tokens
         # On a GPU the next batch is built, pinned and copied while the current one computes.
         self.prefetch = device.type == "cuda"
         self._pending: tuple[dict, Future] | None = None
@@ -109,7 +122,7 @@ class TranslationTask:
         valid_sampler = TokenBucketSampler(
             self.valid_data.src_lengths,
             self.valid_data.tgt_lengths,
-            self.cfg.max_tokens,
+            self.valid_max_tokens,
             shuffle=False,
             ladder=self.cfg.shape_ladder,
         )
@@ -123,7 +136,7 @@ class TranslationTask:
             [model],
             self.src_proc,
             self.tgt_proc,
-            SearchOptions(beam=self.cfg.valid_beam, max_tokens=self.cfg.max_tokens),
+            SearchOptions(beam=self.cfg.valid_beam, max_tokens=self.valid_max_tokens),
             device=self.device,
             dtype=self.cfg.valid_dtype,
         )

@@ -1,16 +1,22 @@
 """What a WMT run needs: GPU memory per batch and vocabulary, checkpoint sizes, updates/s.
 
 For each WMT recipe config and tying mode it builds the model at the recipe's vocabulary
-size and a worst-case batch of the recipe's shape (every sentence as long as the longest
-allowed) and reports:
+size and a worst-case batch (every sentence as long as the longest allowed) and reports:
 
 - parameters and the bytes of last.pt (weights + optimizer state) and of best.pt / a
   numbered checkpoint (weights only), from the parameter count;
-- on the meta device (the default, any machine): an estimate of peak GPU memory, counted as
-  weights + gradients + optimizer state + every tensor autograd saves for the backward pass
-  (hooked, at the recipe's precision) + the logits' gradient;
+- on the meta device (the default, any machine): an estimate of peak GPU memory
+  (`nmt_tie.training.memory`, what `max_tokens: auto` uses), counted as weights + gradients +
+  optimizer state + every tensor autograd saves for the backward pass (hooked, at the
+  recipe's precision) + the logits' gradient;
+- what `max_tokens: auto` would choose on a GPU of `--gpu-gib` free memory (sentences of the
+  longest length per GPU batch);
 - on a GPU (`--device cuda`): the measured peak (torch.cuda.max_memory_allocated) and
   updates/s of real updates on random ids, beside the estimate, which calibrates it.
+
+The recipes say `max_tokens: auto`; the batch measured here is `--max-tokens` (4,096 for the
+Transformer and 16,000 with at most 80 sentences for the RNN, their per-GPU batches before
+auto: the figures in the recipe READMEs).
 
     python recipes/benchmarks/wmt_memory.py                      # estimates, no GPU needed
     python recipes/benchmarks/wmt_memory.py --device cuda         # measured on this GPU
@@ -30,10 +36,11 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from nmt_tie.config import load_config  # noqa: E402
-from nmt_tie.data.batching import Batch  # noqa: E402
 from nmt_tie.devices import DTYPES, autocast_context  # noqa: E402
 from nmt_tie.model.seq2seq import build_model  # noqa: E402
-from nmt_tie.report import count_unique  # noqa: E402
+from nmt_tie.training.batch_plan import auto_max_tokens  # noqa: E402
+from nmt_tie.training.memory import GIB, estimate_peak  # noqa: E402
+from nmt_tie.training.memory import worst_batch as batch_of  # noqa: E402
 from nmt_tie.training.optim import build_optimizer  # noqa: E402
 from nmt_tie.training.translation import sequence_loss  # noqa: E402
 
@@ -43,45 +50,19 @@ RECIPES = {
     "wmt14_en_fr": ("rnn", 90000, 80),
     "wmt14_en_de_transformer": ("transformer", 32000, 128),
 }
-GIB = 2**30
-OPTIMIZER_STATE = {"adam": 2, "adadelta": 2, "sgd": 0}  # fp32 tensors per parameter
+BATCH_BEFORE_AUTO = {"rnn": 16000, "transformer": 4096}
 
 
-def worst_batch(train_cfg, length: int, device: str, vocab: int) -> Batch:
-    """The largest batch the recipe's batching allows, every sentence `length` pieces long."""
+def worst_batch(train_cfg, length: int, device: str, vocab: int):
+    """The largest batch `max_tokens` (and max_sentences) allow, every sentence `length` pieces long."""
     sentences = train_cfg.max_tokens // (2 * length)
     if train_cfg.max_sentences:
         sentences = min(sentences, train_cfg.max_sentences)
-    ids = torch.randint(4, vocab, (sentences, length), device=device)
-    return Batch(ids, ids, ids, None, torch.arange(ids.numel(), device=device), ids.reshape(-1), ids.numel())
+    return batch_of(sentences, length, length, vocab, device)
 
 
-def estimate(model_cfg, train_cfg, batch: Batch) -> dict:
-    """Peak memory on the meta device: nothing is allocated, every size is counted. Autocast
-    does not run on the meta device: a low-precision run is estimated with the whole model in
-    that precision (autocast keeps norms and softmax in fp32: the measured column says how
-    close this comes)."""
-    with torch.device("meta"):
-        model = build_model(model_cfg)
-    params = count_unique(model)
-    model.to(DTYPES[train_cfg.dtype])
-    weights_storage = {p.untyped_storage()._cdata for p in model.parameters()}
-    saved: dict[int, int] = {}  # storage -> bytes: views of one tensor are counted once
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage._cdata not in weights_storage:  # weights are counted once, below
-            saved[storage._cdata] = storage.nbytes()
-        return tensor
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        sequence_loss(model, batch, train_cfg.label_smoothing)
-    states = OPTIMIZER_STATE[train_cfg.optimizer]
-    low_precision = train_cfg.dtype != "fp32"
-    weights = 4 * params * (1 + 1 + states) + (2 * params if low_precision else 0)  # + bf16 weight copies
-    logits_grad = batch.target_tokens * model_cfg.tgt_vocab_size * 4
-    return {"params": params, "peak": weights + sum(saved.values()) + logits_grad, "states": states}
+def estimate(model_cfg, train_cfg, batch) -> dict:
+    return estimate_peak(model_cfg, train_cfg, batch)
 
 
 def measure(model_cfg, train_cfg, length: int, updates: int = 10) -> dict:
@@ -115,10 +96,12 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--ties", default="none,all")
     parser.add_argument("--dtype", default="", help="override the recipes' dtype (fp32, bf16, fp16)")
+    parser.add_argument("--max-tokens", type=int, help="per-GPU batch (default: 4096 Transformer, 16000 RNN)")
+    parser.add_argument("--gpu-gib", type=float, default=80.0, help="free GPU memory for the auto column")
     args = parser.parse_args()
     header = (
         f"{'recipe':<25}{'tie':<6}{'dtype':<6}{'batch':>9}{'params':>13}{'last.pt GB':>11}{'best.pt GB':>11}"
-        f"{'est. GiB':>9}"
+        f"{'est. GiB':>9}{'auto batch':>12}"
     )
     if args.device == "cuda":
         header += f"{'meas. GiB':>10}{'upd/s':>7}{'tok/s':>9}"
@@ -129,6 +112,9 @@ def main() -> None:
             model_cfg, train_cfg = load_config(REPO / "recipes" / recipe / f"{arch}-{tie}.yaml")
             if args.dtype:
                 train_cfg = replace(train_cfg, dtype=args.dtype)
+            batch_tokens = args.max_tokens or BATCH_BEFORE_AUTO[arch]
+            auto_cfg = replace(train_cfg, memory_budget=args.gpu_gib * 0.9)
+            train_cfg = replace(train_cfg, max_tokens=batch_tokens)
             if train_cfg.dtype not in DTYPES:
                 raise SystemExit(f"unknown dtype {train_cfg.dtype}")
             model_cfg = replace(model_cfg, src_vocab_size=vocab, tgt_vocab_size=vocab, shared_vocab=True)
@@ -136,10 +122,11 @@ def main() -> None:
             result = estimate(model_cfg, train_cfg, batch)
             params = result["params"]
             shape = f"{len(batch)}x{length}"
+            auto_tokens, _ = auto_max_tokens(model_cfg, auto_cfg, (length, length), 1, torch.device("meta"))
             line = (
                 f"{recipe:<25}{tie:<6}{train_cfg.dtype:<6}{shape:>9}{params:>13,}"
                 f"{4 * params * (1 + result['states']) / 1e9:>11.2f}{4 * params / 1e9:>11.2f}"
-                f"{result['peak'] / GIB:>9.1f}"
+                f"{result['peak'] / GIB:>9.1f}{f'{auto_tokens // (2 * length)}x{length}':>12}"
             )
             if args.device == "cuda":
                 measured = measure(model_cfg, train_cfg, length)
@@ -151,7 +138,8 @@ def main() -> None:
             print(line, flush=True)
     print(
         "\nbatch: sentences x pieces, every sentence as long as the longest allowed (the worst case); "
-        "last.pt holds weights and optimizer state, best.pt and numbered checkpoints the weights."
+        "last.pt holds weights and optimizer state, best.pt and numbered checkpoints the weights; "
+        f"auto batch: what max_tokens: auto chooses on one GPU with {args.gpu_gib:g} GiB free."
     )
 
 

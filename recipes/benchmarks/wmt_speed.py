@@ -1,0 +1,317 @@
+"""What a WMT run will cost, measured before starting it (about 8 minutes on one GPU).
+
+Trains each WMT recipe as it is configured (its global batch, `max_tokens: auto`, its model and
+precision, at its vocabulary size) for a few dozen updates on WMT-like sentence lengths and
+prints, per recipe and tying mode, eager and compiled:
+
+- target tokens/s (non-pad target tokens incl. EOS, as fairseq's wps), updates/s, the batch
+  per update and how it was made (workers x per-GPU batch x accumulation);
+- MFU: the matrix-multiply FLOPs of an update (torch.utils.flop_counter) per second, divided by
+  this GPU's measured bf16 peak (the best of several 8192 x 8192 products);
+- peak GPU memory (torch.cuda.max_memory_allocated);
+- the hours of the recipe's full budget (`max_updates` x the global batch) on 1 GPU, and on 8:
+  one worker of 8 is measured as it would run there (its per-GPU batch and accumulation, from
+  the same batch plan), times 8, without the gradient all-reduce (not measurable on one GPU).
+
+The lengths are those of real news text: newstest2009-2012 En-De from ../shared/data/wmt
+(or NMT_TIE_DATA), prepared with a joint BPE of 8,000 pieces (these 11,000 sentences are too
+few to learn 32,000) and the recipe's length limit; the models get the recipe's vocabulary
+size (32,000 or 90,000): the output layer, the loss, the embedding gradients and the optimizer
+work on every row whatever ids the batches hold, so the cost is that of the full vocabulary.
+
+With `--fairseq-venv DIR` (fairseq-fixed installed there, ../shared/peers.md) the same
+Transformer-base (post-norm, shared embeddings, the same pieces padded to the same vocabulary
+size, bf16 on a GPU) also trains in fairseq at about the same target tokens per update, and the
+ratio of target tokens/s is printed.
+
+    python recipes/benchmarks/wmt_speed.py --device cuda [--fairseq-venv PEER]
+    python recipes/benchmarks/wmt_speed.py --device cpu --tiny      # the script checks itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+# recipe -> (config prefix, vocabulary size of its run.sh, its --max-len)
+RECIPES = {
+    "wmt14_en_de_transformer": ("transformer", 32000, 250),
+    "wmt15_en_de": ("rnn", 90000, 80),
+}
+# (recipe, tie, compiled, workers the run is measured as one of)
+DEFAULT_JOBS = [
+    ("wmt14_en_de_transformer", "none", False, 1),
+    ("wmt14_en_de_transformer", "all", False, 1),
+    ("wmt14_en_de_transformer", "all", True, 1),
+    ("wmt14_en_de_transformer", "all", False, 8),
+    ("wmt15_en_de", "none", False, 1),
+    ("wmt15_en_de", "all", False, 1),
+    ("wmt15_en_de", "all", False, 8),
+]
+TINY = {  # --tiny: the script's own check on a CPU, in seconds
+    "transformer": "emb_dim=32 ffn_dim=64 enc_layers=1 dec_layers=1 heads=2",
+    "rnn": "emb_dim=32 hidden_dim=32",
+}
+WARMUP_UPDATES = 3  # with compile: the first shape's graph, then the dynamic-shape one
+FAIRSEQ_BASE = (
+    "--arch transformer --share-all-embeddings --dropout 0.1 --attention-dropout 0 --activation-dropout 0 "
+    "--criterion label_smoothed_cross_entropy --label-smoothing 0.1 --optimizer adam --adam-betas (0.9,0.98) "
+    "--lr 0.0007 --lr-scheduler inverse_sqrt --warmup-updates 4000 --num-workers 2 --disable-validation"
+)
+
+
+def news_data(root: Path, max_len: int) -> Path:
+    """newstest2009-2012 En-De (train) and 2013 (valid), a joint BPE of 8,000 pieces."""
+    from nmt_tie.data.locations import data_root
+    from nmt_tie.data.prepare import PrepareOptions, prepare
+
+    news = data_root() / "wmt" / "en-de"
+    corpus = root / f"news-{max_len}"
+    corpus.mkdir(parents=True, exist_ok=True)
+    for lang in ("en", "de"):
+        with open(corpus / f"train.{lang}", "w", encoding="utf-8") as out:
+            for year in (2009, 2010, 2011, 2012):
+                from nmt_tie.data.text import read_lines
+
+                out.writelines(line + "\n" for line in read_lines(news / f"newstest{year}.{lang}.gz"))
+    out = root / f"prepared-{max_len}"
+    options = PrepareOptions(
+        src="en", tgt="de", train=str(corpus / "train"), valid=str(news / "newstest2013"), out=out,
+        vocab_size=8000, max_len=max_len,
+    )  # fmt: skip
+    prepare(options, log=lambda m: None)
+    return out
+
+
+def measure(
+    recipe: str, tie: str, compiled: bool, as_one_of: int, updates: int, data: str, tiny: bool, device: str
+) -> dict:
+    """Runs in a child process: the recipe's Trainer, `updates` timed updates."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from train_speed import matmul_peak
+
+    from nmt_tie.config import load_config
+    from nmt_tie.data.batching import ParallelData
+    from nmt_tie.data.prepare import PreparedData
+    from nmt_tie.devices import compiled_graph_count, resolve_device
+    from nmt_tie.training import translation
+    from nmt_tie.training.batch_plan import plan_batches
+    from nmt_tie.training.trainer import Trainer
+    from nmt_tie.training.translation import TranslationTask
+
+    arch, vocab, _ = RECIPES[recipe]
+    if not tiny:  # the recipe's vocabulary size (see the docstring)
+        with_data_vocab = translation.configure_for_data
+
+        def with_recipe_vocab(config, prepared):
+            config = with_data_vocab(config, prepared)
+            return dataclasses.replace(config, src_vocab_size=vocab, tgt_vocab_size=vocab)
+
+        translation.configure_for_data = with_recipe_vocab
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"data={data}", f"save_dir={tmp}", f"device={device}", f"compile={compiled}"]
+        overrides += ["max_updates=1000000", "valid_every=1000000", "save_every=0", "save_every_minutes=0"]
+        overrides += ["log_every=1000000", *(TINY[arch].split() if tiny else [])]
+        model_cfg, train_cfg = load_config(REPO / "recipes" / recipe / f"{arch}-{tie}.yaml", overrides)
+        budget_updates = load_config(REPO / "recipes" / recipe / f"{arch}-{tie}.yaml")[1].max_updates
+        if as_one_of > 1:  # one worker of `as_one_of`: its share of the global batch, as planned there
+            prepared = PreparedData(data)
+            train = ParallelData(prepared, "train")
+            sized = translation.configure_for_data(model_cfg, prepared)
+            plan = plan_batches(
+                sized, train_cfg, train.src_lengths, train.tgt_lengths, as_one_of, resolve_device(device)
+            )
+            train_cfg = dataclasses.replace(
+                train_cfg,
+                max_tokens=plan.max_tokens,
+                max_sentences=plan.max_sentences,
+                update_freq=plan.update_freq,
+                global_batch_tokens=0,
+                global_batch_sentences=0,
+            )
+        trainer = Trainer(TranslationTask, model_cfg, train_cfg, log=lambda m: None)
+        plan = trainer.task.batch_plan
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(1 if tiny else WARMUP_UPDATES):
+            trainer.train_step()
+        counter = FlopCounterMode(display=False)
+        compiled_model, trainer.train_model = trainer.train_model, trainer.model
+        with counter:  # counted eagerly (the counter does not see inside compiled graphs)
+            trainer.train_step()
+        trainer.train_model = compiled_model
+        times, tokens = [], []
+        for _ in range(updates):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            _, _, n, _ = trainer.train_step()  # synchronizes once (its statistics)
+            times.append(time.perf_counter() - start)
+            tokens.append(n)
+        trainer.close()
+        tokens_per_s = sum(tokens) / sum(times)
+        peak = matmul_peak("bf16" if device == "cuda" else trainer.precision, device)
+        flops = counter.get_total_flops()
+        global_tokens = train_cfg.global_batch_tokens or plan.tokens_per_update * as_one_of
+        # a run's hours: its updates x the global batch's tokens, at this speed (x workers)
+        hours = budget_updates * global_tokens / (tokens_per_s * as_one_of) / 3600
+        return {
+            "recipe": recipe,
+            "tie": tie,
+            "compiled": compiled,
+            "as_one_of": as_one_of,
+            "dtype": trainer.precision,
+            "params": sum(p.numel() for p in trainer.model.parameters()),
+            "batch": plan.describe(),
+            "tokens_per_update": statistics.mean(tokens),
+            "target_tokens_per_s": tokens_per_s,
+            "updates_per_s": updates / sum(times),
+            "mfu": flops / statistics.median(times) / peak,
+            "peak_tflops": peak / 1e12,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
+            "graphs": compiled_graph_count() if compiled else 0,
+            "budget_updates": budget_updates,
+            "global_tokens": global_tokens,
+            "hours": hours,
+        }
+
+
+def fairseq_speed(venv: Path, data: Path, work: Path, vocab: int, updates: int, device: str) -> dict:
+    """fairseq's Transformer-base on the same pieces (dictionary padded to `vocab`) at about
+    25,000 target tokens per update; target tokens/s after the first 10 updates."""
+    from peers import write_pieces
+
+    pieces = work / "pieces"
+    src, tgt = write_pieces(data, pieces)
+    listed = len((pieces / "dict.txt").read_text(encoding="utf-8").splitlines())
+    with open(pieces / "dict.txt", "a", encoding="utf-8") as handle:  # the recipe's vocabulary size
+        handle.writelines(f"madeupword{i} 1\n" for i in range(vocab - 4 - listed))
+    binarized = work / "fairseq-bin"
+    subprocess.run(
+        [str(venv / "bin" / "fairseq-preprocess"), "--source-lang", src, "--target-lang", tgt,
+         "--trainpref", str(pieces / "train"), "--validpref", str(pieces / "valid"),
+         "--destdir", str(binarized),
+         "--joined-dictionary", "--srcdict", str(pieces / "dict.txt"), "--workers", "2"],
+        check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    command = [str(venv / "bin" / "fairseq-train"), str(binarized), *FAIRSEQ_BASE.split()]
+    # fairseq's --max-tokens bounds max(source, target) per sentence: 12,500 x 2 accumulated
+    # comes to about 25,000 target tokens per update (its wpb says what it was)
+    command += ["--max-tokens", "12500", "--update-freq", "2", "--max-update", str(updates + 10)]
+    command += ["--log-format", "json", "--log-interval", "5", "--no-save", "--save-dir", str(work / "ckpt")]
+    command += ["--bf16"] if device == "cuda" else ["--cpu"]
+    log = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    records = [json.loads(line[line.index("{") :]) for line in log.splitlines() if "train_inner" in line]
+    records = [r for r in records if int(r["num_updates"]) > 10]
+    return {
+        "target_tokens_per_s": statistics.mean(float(r["wps"]) for r in records),
+        "tokens_per_update": statistics.mean(float(r["wpb"]) for r in records),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--updates", type=int, default=30, help="timed updates per job (after warm-up)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny models, the data's vocabulary: a self-check"
+    )
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled job")
+    parser.add_argument(
+        "--data-dir", type=Path, help="where to prepare the news data (default: a temporary one)"
+    )
+    parser.add_argument("--fairseq-venv", type=Path, help="a virtualenv with fairseq: also train it")
+    parser.add_argument(
+        "--jobs",
+        help="RECIPE:TIE:eager|compiled:WORKERS,... (default: both Transformer ties, compiled, 1/8, the RNN)",
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(**json.loads(args.child))))
+        return
+    started = time.time()
+    jobs = DEFAULT_JOBS
+    if args.jobs:
+        fields = [job.split(":") for job in args.jobs.split(",")]
+        jobs = [(recipe, tie, run == "compiled", int(workers)) for recipe, tie, run, workers in fields]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data_dir or Path(tmp)
+        prepared = {limit: news_data(root, limit) for limit in {RECIPES[job[0]][2] for job in jobs}}
+        results = []
+        for recipe, tie, compiled, as_one_of in jobs:
+            if compiled and args.no_compile:
+                continue
+            job = {
+                "recipe": recipe, "tie": tie, "compiled": compiled, "as_one_of": as_one_of,
+                "updates": args.updates, "data": str(prepared[RECIPES[recipe][2]]), "tiny": args.tiny,
+                "device": args.device,
+            }  # fmt: skip
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE)])}
+            output = subprocess.run(
+                [sys.executable, __file__, "--child", json.dumps(job)],
+                check=True, stdout=subprocess.PIPE, text=True, env=env,
+            ).stdout  # fmt: skip
+            results.append(json.loads(output.strip().splitlines()[-1]))
+            print(json.dumps(results[-1]), flush=True)
+        fairseq = None
+        if args.fairseq_venv:
+            vocab = 500 if args.tiny else RECIPES["wmt14_en_de_transformer"][1]
+            work = root / "fairseq"
+            work.mkdir(exist_ok=True)
+            news = prepared.get(250) or news_data(root, 250)
+            fairseq = fairseq_speed(args.fairseq_venv, news, work, vocab, args.updates, args.device)
+            print(json.dumps({"fairseq": fairseq}), flush=True)
+    print(
+        f"\n{'recipe':<25}{'tie':<6}{'run':<12}{'dtype':<6}{'tok/update':>11}{'tgt tok/s':>11}{'upd/s':>7}"
+        f"{'MFU':>7}{'GPU GiB':>8}{'hours':>8}"
+    )
+    for r in results:
+        run = ("compiled" if r["compiled"] else "eager") + (
+            f" 1/{r['as_one_of']}" if r["as_one_of"] > 1 else ""
+        )
+        print(
+            f"{r['recipe']:<25}{r['tie']:<6}{run:<12}{r['dtype']:<6}{r['tokens_per_update']:>11,.0f}"
+            f"{r['target_tokens_per_s']:>11,.0f}{r['updates_per_s']:>7.2f}{r['mfu']:>7.1%}{r['peak_gib']:>8.1f}"
+            f"{r['hours']:>8.1f}"
+        )
+    peak = results[0]["peak_tflops"] if results else 0
+    print(
+        f"\nhours: the recipe's max_updates x its global batch at this speed; '1/8' rows: one of 8 GPUs, "
+        f"as it would run there, x 8 (without the gradient all-reduce). MFU against {peak:.0f} TFLOP/s, "
+        f"this device's measured {'bf16' if args.device == 'cuda' else 'own-precision'} matrix-product peak."
+    )
+    for r in results:
+        print(
+            f"{r['recipe']} {r['tie']} {'compiled' if r['compiled'] else 'eager'} "
+            f"1/{r['as_one_of']}: {r['batch']}"
+        )
+    if fairseq:
+        ours = next(r for r in results if r["recipe"] == "wmt14_en_de_transformer" and r["tie"] == "all"
+                    and not r["compiled"] and r["as_one_of"] == 1)  # fmt: skip
+        ratio = ours["target_tokens_per_s"] / fairseq["target_tokens_per_s"]
+        print(
+            f"fairseq Transformer-base: {fairseq['target_tokens_per_s']:,.0f} target tokens/s at "
+            f"{fairseq['tokens_per_update']:,.0f} per update; nmt-tie (tie all, eager) {ratio:.2f}x"
+        )
+    print(f"({time.time() - started:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()
