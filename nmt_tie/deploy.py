@@ -32,7 +32,8 @@ from pathlib import Path
 
 from nmt_tie.data.tokenizer import BOS_ID, PAD_ID, TextProcessor
 from nmt_tie.errors import UserError
-from nmt_tie.translate import Hypothesis, SearchOptions, TextTranslator
+from nmt_tie.hypotheses import Hypothesis, SearchOptions
+from nmt_tie.translate import TextTranslator
 
 # PyTorch is imported by the export functions only: translating through an export needs
 # CTranslate2, SentencePiece and sacremoses, not PyTorch.

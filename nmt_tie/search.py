@@ -28,8 +28,8 @@ import torch
 
 from nmt_tie.data.batching import ladder_up
 from nmt_tie.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from nmt_tie.hypotheses import Hypothesis
 from nmt_tie.model.seq2seq import EncoderDecoder
-from nmt_tie.translate import Hypothesis
 
 
 class Ensemble:

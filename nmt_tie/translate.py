@@ -21,36 +21,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nmt_tie.data.text import decode_line
 from nmt_tie.data.tokenizer import EOS_ID, TextProcessor
 from nmt_tie.errors import UserError
+from nmt_tie.hypotheses import Hypothesis, SearchOptions
 
 if TYPE_CHECKING:
     import torch
-
-
-@dataclass
-class Hypothesis:
-    """What a search returns for one sentence (best first in lists)."""
-
-    tokens: list[int]  # without BOS and EOS
-    score: float  # length-normalized log-probability (beam) or log-probability (greedy)
-
-
-@dataclass
-class SearchOptions:
-    beam: int = 5
-    lenpen: float = 1.0  # exponent of the length normalization
-    length_norm: str = "average"  # average (score / length ** lenpen, as fairseq) | gnmt
-    max_len_a: float = 1.5
-    max_len_b: int = 10
-    nbest: int = 1
-    max_tokens: int = 4096  # source tokens per batch
-    max_src_len: int = 256  # longer inputs are truncated (with a warning)
 
 
 class TextTranslator:

@@ -35,6 +35,7 @@ CONVERGED_TABLE = RECIPE / "results" / "converged" / "table.md"
 
 
 DEMO_UPDATES = 300
+DEMO_CANDIDATE = "recipe-600"  # placeholder until the search decides
 
 
 def demo_overrides(max_updates: int | None) -> list[str]:

@@ -1,0 +1,125 @@
+"""The search behind `make demo`'s configuration (issue 40): which short-budget setting lets the
+three-way tied model show, within the demo's minutes, what it shows at convergence?
+
+Every candidate trains `tie: none` and `tie: all` with identical settings but `tie` (the
+recipe's transformer-none.yaml / transformer-all.yaml plus the candidate's overrides), for
+the same compute, and is judged on *validation* BLEU (greedy, val, 1,014 sentences) at the
+end of its budget; test2016 is never looked at here. A candidate is kept only if the tied
+model is level or ahead for every seed (or ahead on the mean by more than one standard
+deviation).
+
+    python recipes/multi30k/demo_search.py --candidates all --seeds 1        # the search
+    python recipes/multi30k/demo_search.py --candidates demo --seeds 1-3     # the check
+
+Runs resume and finished ones are skipped; results land in RUNS/summary.md and .json
+(committed under results/demo-search/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+RECIPE = Path(__file__).resolve().parent
+sys.path.insert(0, str(RECIPE.parents[1]))
+
+from nmt_tie.training.metrics import read_log  # noqa: E402
+
+# name -> (updates, overrides); every candidate costs about the same (updates x batch).
+CANDIDATES = {
+    "recipe-600": (600, ["warmup=200"]),
+    "lr0.004-600": (600, ["lr=0.004", "warmup=100"]),
+    "unscaled-600": (600, ["warmup=200", "scale_embeddings=false"]),
+    "dropout0-600": (600, ["warmup=200", "dropout=0.0"]),
+    "batch8k-300": (300, ["max_tokens=8192", "lr=0.003", "warmup=100"]),
+    "enc4dec1-600": (600, ["warmup=200", "enc_layers=4", "dec_layers=1"]),
+}
+
+
+def seed_range(text: str) -> list[int]:
+    first, _, last = text.partition("-")
+    return list(range(int(first), int(last or first) + 1)) if "-" in text else list(range(1, int(first) + 1))
+
+
+def train(data: Path, run_dir: Path, tie: str, seed: int, updates: int, overrides: list[str], threads: int):
+    command = [sys.executable, "-m", "nmt_tie", "train", str(RECIPE / f"transformer-{tie}.yaml")]
+    command += [f"data={data}", f"save_dir={run_dir}", f"seed={seed}", f"max_updates={updates}"]
+    command += ["valid_every=100000", f"threads={threads}", *overrides]
+    print("$ nmt-tie " + " ".join(command[3:]), flush=True)
+    subprocess.run(command, check=True)
+
+
+def final_valid(run_dir: Path) -> dict | None:
+    records = [r for r in read_log(run_dir) if r["type"] == "valid"]
+    return records[-1] if records else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, required=True, help="prepared Multi30k En-De (run.py makes it)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/demo-search"))
+    parser.add_argument("--candidates", default="all", help="comma-separated names, 'all' or 'demo'")
+    parser.add_argument("--seeds", default="1", help="N (1..N) or A-B")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("overrides", nargs="*", help="extra key=value for every run (e.g. dtype=fp32)")
+    args = parser.parse_args()
+    if args.candidates == "all":
+        names = list(CANDIDATES)
+    elif args.candidates == "demo":
+        from run import DEMO_CANDIDATE
+
+        names = [DEMO_CANDIDATE]
+    else:
+        names = args.candidates.split(",")
+    results = {}
+    summary_file = args.runs / "summary.json"
+    if summary_file.exists():
+        results = json.loads(summary_file.read_text())
+    for name in names:
+        updates, overrides = CANDIDATES[name]
+        for seed in seed_range(args.seeds):
+            for tie in ("none", "all"):
+                run_dir = args.runs / name / f"{tie}-seed{seed}"
+                valid = final_valid(run_dir)
+                if valid is None or valid["update"] < updates:
+                    train(args.data, run_dir, tie, seed, updates, [*overrides, *args.overrides], args.threads)
+                    valid = final_valid(run_dir)
+                results.setdefault(name, {}).setdefault(tie, {})[str(seed)] = valid["bleu"]
+        args.runs.mkdir(parents=True, exist_ok=True)
+        summary_file.write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        "| candidate | updates | overrides | seeds | valid BLEU untied | valid BLEU three-way tied "
+        "| tied - untied, per seed |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, by_tie in results.items():
+        seeds = sorted(set(by_tie.get("none", {})) & set(by_tie.get("all", {})), key=int)
+        if not seeds:
+            continue
+        none = [by_tie["none"][s] for s in seeds]
+        tied = [by_tie["all"][s] for s in seeds]
+        gaps = ", ".join(f"{t - n:+.2f}" for n, t in zip(none, tied, strict=True))
+        updates, overrides = CANDIDATES[name]
+        lines.append(
+            f"| {name} | {updates} | {' '.join(overrides)} | {','.join(seeds)} | {describe(none)} | "
+            f"{describe(tied)} | {gaps} |"
+        )
+    table = "\n".join(lines) + "\n"
+    (args.runs / "summary.md").write_text(table)
+    print(table)
+
+
+def describe(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+if __name__ == "__main__":
+    main()
