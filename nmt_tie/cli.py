@@ -377,22 +377,41 @@ def _add_export(sub) -> None:
         "model(s), and nmt_tie.json (config, tie mode, SHA-256 of the checkpoint).",
     )
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("--to", default="ctranslate2", choices=["ctranslate2"], help="target engine")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    p.add_argument(
+        "--to",
+        default="ctranslate2",
+        choices=["ctranslate2", "huggingface", "argos"],
+        help="ctranslate2 (default): a CTranslate2 directory; huggingface: a transformers directory "
+        "(AutoModelForSeq2SeqLM, AutoTokenizer, the Hub); argos: an .argosmodel package for Argos "
+        "Translate and LibreTranslate",
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, metavar="PATH", help="output directory (argos: FILE.argosmodel)"
+    )
     p.add_argument(
         "--quantization",
-        default="float32",
-        help="weight type on disk: float32 (default), int8 (about a quarter of the size), "
+        help="weight type on disk: float32 (the default for ctranslate2), int8 (about a quarter of "
+        "the size; the default for argos), "
         "int8_float32, int8_float16, int8_bfloat16, int16, float16, bfloat16",
     )
-    p.add_argument("--force", action="store_true", help="replace an existing DIR")
+    p.add_argument("--beam", type=int, default=5, help="huggingface: num_beams of generation_config.json (5)")
+    p.add_argument(
+        "--lenpen", type=float, default=1.0, help="huggingface: length_penalty, as translate's --lenpen (1.0)"
+    )
+    p.add_argument("--src-code", help="argos: the source language code (default: the prepared data's)")
+    p.add_argument("--tgt-code", help="argos: the target language code (default: the prepared data's)")
+    p.add_argument("--force", action="store_true", help="replace an existing export")
     p.set_defaults(handler=_run_export)
 
 
 def _run_export(args) -> None:
     from nmt_tie.deploy import export_ctranslate2, export_sizes
 
-    metadata = export_ctranslate2(args.checkpoint, args.out, args.quantization, args.force)
+    if args.to == "huggingface":
+        return _run_export_huggingface(args)
+    if args.to == "argos":
+        return _run_export_argos(args)
+    metadata = export_ctranslate2(args.checkpoint, args.out, args.quantization or "float32", args.force)
     sizes = export_sizes(args.out)
     source = metadata["source_checkpoint_bytes"]
     print(
@@ -402,6 +421,33 @@ def _run_export(args) -> None:
     )
     if metadata["projection_folded"]:
         print("projection P folded into the output layer: its matrix is stored apart from the embedding")
+
+
+def _run_export_huggingface(args) -> None:
+    from nmt_tie.hf_export import export_huggingface
+
+    metadata = export_huggingface(args.checkpoint, args.out, args.beam, args.lenpen, args.force)
+    weights = (args.out / "model.safetensors").stat().st_size
+    source = metadata["source_checkpoint_bytes"]
+    print(
+        f"{args.out}: {metadata['transformers_class']}, tie {metadata['tie']}, model.safetensors "
+        f"{weights / 1e6:.1f} MB (the checkpoint: {source / 1e6:.1f} MB); logits equal nmt-tie's within "
+        f"{metadata['largest_logit_difference']:.1e}"
+    )
+    for note in metadata["notes"]:
+        print(note)
+
+
+def _run_export_argos(args) -> None:
+    from nmt_tie.argos_export import export_argos
+
+    metadata = export_argos(
+        args.checkpoint, args.out, args.quantization or "int8", args.src_code, args.tgt_code, args.force
+    )
+    print(
+        f"{args.out}: Argos Translate package {metadata['from_code']} -> {metadata['to_code']}, "
+        f"{args.out.stat().st_size / 1e6:.1f} MB ({metadata['quantization']})"
+    )
 
 
 def _add_score(sub) -> None:
