@@ -39,6 +39,7 @@ def export_argos(
     src_code: str | None = None,
     tgt_code: str | None = None,
     force: bool = False,
+    max_positions: int = 1024,
 ) -> dict:
     """Write `out` (FILE.argosmodel, atomically); return the package's metadata.json."""
     from nmt_tie.checkpoint import load_checkpoint, load_model
@@ -86,7 +87,7 @@ def export_argos(
         folder = Path(work) / folder_name
         folder.mkdir()
         # the CTranslate2 export (it checks the checkpoint: a Transformer, not an RNN or an LM)
-        export_ctranslate2(checkpoint, folder / "model", quantization)
+        export_ctranslate2(checkpoint, folder / "model", quantization, max_positions=max_positions)
         _share_sentencepiece(folder)
         (folder / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         _write_spacy_sentencizer(folder / "spacy", from_code)

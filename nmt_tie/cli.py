@@ -394,6 +394,13 @@ def _add_export(sub) -> None:
         "the size; the default for argos), "
         "int8_float32, int8_float16, int8_bfloat16, int16, float16, bfloat16",
     )
+    p.add_argument(
+        "--max-positions",
+        type=int,
+        default=1024,
+        help="ctranslate2 and argos: rows of the position table, the longest source or output "
+        "(1024; 512 is enough for nmt-tie translate and saves 0.5 MB at width 256)",
+    )
     p.add_argument("--beam", type=int, default=5, help="huggingface: num_beams of generation_config.json (5)")
     p.add_argument(
         "--lenpen", type=float, default=1.0, help="huggingface: length_penalty, as translate's --lenpen (1.0)"
@@ -411,7 +418,9 @@ def _run_export(args) -> None:
         return _run_export_huggingface(args)
     if args.to == "argos":
         return _run_export_argos(args)
-    metadata = export_ctranslate2(args.checkpoint, args.out, args.quantization or "float32", args.force)
+    metadata = export_ctranslate2(
+        args.checkpoint, args.out, args.quantization or "float32", args.force, args.max_positions
+    )
     sizes = export_sizes(args.out)
     source = metadata["source_checkpoint_bytes"]
     print(
@@ -442,7 +451,13 @@ def _run_export_argos(args) -> None:
     from nmt_tie.argos_export import export_argos
 
     metadata = export_argos(
-        args.checkpoint, args.out, args.quantization or "int8", args.src_code, args.tgt_code, args.force
+        args.checkpoint,
+        args.out,
+        args.quantization or "int8",
+        args.src_code,
+        args.tgt_code,
+        args.force,
+        args.max_positions,
     )
     print(
         f"{args.out}: Argos Translate package {metadata['from_code']} -> {metadata['to_code']}, "

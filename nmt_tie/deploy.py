@@ -55,6 +55,8 @@ QUANTIZATIONS = (
 # and 250 MB; 512 12.8 s and 143 MB; all 1,000 sentences at once 9.9 s and 911 MB).
 EXPORT_MAX_TOKENS = 2048
 MAX_POSITIONS = 1024  # rows of the exported position table: the longest source or output
+# nmt-tie's own limits need 1.5 * (256 + 1) + 10 = 396 positions (translate's --max-src-len 256)
+MIN_POSITIONS = 400
 NEVER_GENERATED = -1.0e4  # output bias of PAD and BOS (fits float16)
 
 
@@ -128,7 +130,9 @@ def _output_layer(embeddings, matrices: dict) -> tuple:
     return (unfolded if folded is None else folded), _array(bias)
 
 
-def transformer_spec(model, config, vocab_src: list[str], vocab_tgt: list[str]):
+def transformer_spec(
+    model, config, vocab_src: list[str], vocab_tgt: list[str], max_positions: int = MAX_POSITIONS
+):
     """CTranslate2's TransformerSpec holding the weights of an nmt-tie Transformer."""
     require_ctranslate2()
     from ctranslate2.specs import common_spec, transformer_spec
@@ -144,7 +148,7 @@ def transformer_spec(model, config, vocab_src: list[str], vocab_tgt: list[str]):
     spec.config.add_source_eos = True  # nmt-tie's encoder input ends with EOS
     spec.config.layer_norm_epsilon = model.encoder.layers[0].attn_block.norm.eps
     embeddings = model.embeddings
-    positions = _array(sinusoidal_positions(MAX_POSITIONS, config.emb_dim))
+    positions = _array(sinusoidal_positions(max_positions, config.emb_dim))
     # One array object per matrix: tied roles hand CTranslate2 equal values, which it stores once.
     matrices = {name: _array(matrix) for name, matrix in embeddings.matrices.items()}
 
@@ -185,10 +189,15 @@ def _ctranslate2_tokens(pieces) -> list[str]:
 
 
 def export_ctranslate2(
-    checkpoint: str | Path, out: str | Path, quantization: str = "float32", force: bool = False
+    checkpoint: str | Path,
+    out: str | Path,
+    quantization: str = "float32",
+    force: bool = False,
+    max_positions: int = MAX_POSITIONS,
 ) -> dict:
     """Write the export directory `out` (atomically: built beside it, then renamed); return
-    its metadata."""
+    its metadata. `max_positions` rows of the position table (float32 whatever the
+    quantization: 1 MB at width 256 and 1,024 rows) bound the longest source and output."""
     ctranslate2 = require_ctranslate2()
     import torch
     from ctranslate2.converters.converter import Converter
@@ -196,6 +205,11 @@ def export_ctranslate2(
     from nmt_tie.checkpoint import load_checkpoint, load_model, model_config_of, processors_from
 
     checkpoint, out = Path(checkpoint), Path(out)
+    if max_positions < MIN_POSITIONS:
+        raise UserError(
+            f"--max-positions {max_positions}: nmt-tie translate needs {MIN_POSITIONS} (a source of up "
+            "to 256 pieces and its longest output)"
+        )
     if quantization not in QUANTIZATIONS:
         raise UserError(f"--quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
     if out.exists() and not force:
@@ -218,7 +232,7 @@ def export_ctranslate2(
     vocab = payload["vocab"]
     src, tgt = processors_from(vocab)
     with torch.no_grad():
-        spec = transformer_spec(model, config, list(src.vocab.pieces), list(tgt.vocab.pieces))
+        spec = transformer_spec(model, config, list(src.vocab.pieces), list(tgt.vocab.pieces), max_positions)
 
     class _Loaded(Converter):
         def _load(self):
@@ -237,6 +251,7 @@ def export_ctranslate2(
             "format": EXPORT_FORMAT,
             "tie": config.tie,
             "quantization": quantization,
+            "max_positions": max_positions,
             "source_checkpoint": str(checkpoint),
             "source_checkpoint_sha256": sha256_of(checkpoint),
             "source_checkpoint_bytes": checkpoint.stat().st_size,
@@ -311,6 +326,12 @@ class ExportedTranslator(TextTranslator):
         )
         super().__init__(src, tgt, options, warn)
         self.metadata = metadata
+        self.max_positions = metadata.get("max_positions", MAX_POSITIONS)
+        if self.options.max_src_len + 1 > self.max_positions:
+            raise UserError(
+                f"--max-src-len {self.options.max_src_len}: {directory} holds positions for "
+                f"{self.max_positions} tokens; use at most {self.max_positions - 1}"
+            )
         quantized = metadata["quantization"].startswith("int")
         compute_type = COMPUTE_TYPES[dtype][1 if quantized else 0]
         if device == "auto":
@@ -345,7 +366,11 @@ class ExportedTranslator(TextTranslator):
         opts = self.options
         if not sources:
             return []
-        limits = [int((len(ids) + 1) * opts.max_len_a + opts.max_len_b) for ids in sources]
+        # no output longer than the position table (nmt-tie's own limits fit MIN_POSITIONS)
+        limits = [
+            min(int((len(ids) + 1) * opts.max_len_a + opts.max_len_b), self.max_positions - 1)
+            for ids in sources
+        ]
         results = self.engine.translate_batch(
             [self.src.pieces(ids) for ids in sources],
             beam_size=opts.beam,

@@ -284,3 +284,21 @@ def _model_of(checkpoint: Path):
     from nmt_tie.checkpoint import load_checkpoint, load_model
 
     return load_model(load_checkpoint(checkpoint))
+
+
+def test_a_shorter_position_table_is_smaller_and_translates_the_same(trained, small_corpus, tmp_path):
+    export_ctranslate2(trained, tmp_path / "1024", quantization="int8")
+    export_ctranslate2(trained, tmp_path / "512", quantization="int8", max_positions=512)
+    width = torch.load(trained, weights_only=True)["model_config"]["emb_dim"]
+    saved = (
+        export_sizes(tmp_path / "1024")["model_bin_bytes"] - export_sizes(tmp_path / "512")["model_bin_bytes"]
+    )
+    assert saved == 512 * width * 4  # float32 rows, whatever the quantization
+    lines = (small_corpus / "valid.en").read_text().splitlines()[:20]
+    full = ExportedTranslator(tmp_path / "1024", threads=1).translate(lines)
+    short = ExportedTranslator(tmp_path / "512", threads=1).translate(lines)
+    assert [h[0][0] for h in full] == [h[0][0] for h in short]
+    with pytest.raises(UserError, match="needs 400"):
+        export_ctranslate2(trained, tmp_path / "100", max_positions=100)
+    with pytest.raises(UserError, match="holds positions for 512 tokens; use at most 511"):
+        ExportedTranslator(tmp_path / "512", SearchOptions(max_src_len=600))
