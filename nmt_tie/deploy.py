@@ -202,9 +202,10 @@ def export_ctranslate2(
     import torch
     from ctranslate2.converters.converter import Converter
 
-    from nmt_tie.checkpoint import load_checkpoint, load_model, model_config_of, processors_from
+    from nmt_tie.checkpoint import load_model, processors_from
 
     checkpoint, out = Path(checkpoint), Path(out)
+    payload, config = exportable_transformer(checkpoint, out, force, "CTranslate2", is_export(out))
     if max_positions < MIN_POSITIONS:
         raise UserError(
             f"--max-positions {max_positions}: nmt-tie translate needs {MIN_POSITIONS} (a source of up "
@@ -212,22 +213,6 @@ def export_ctranslate2(
         )
     if quantization not in QUANTIZATIONS:
         raise UserError(f"--quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
-    if out.exists() and not force:
-        raise UserError(f"{out} exists: give --force to replace it")
-    if out.exists() and not is_export(out):
-        # --force replaces an earlier export, never a run directory or a checkpoint
-        raise UserError(
-            f"{out} exists and is not an nmt-tie export, which --force would delete; choose another --out"
-        )
-    payload = load_checkpoint(checkpoint)
-    if payload.get("kind") == "lm":
-        raise UserError(f"{checkpoint} is a language model: only translation models are exported")
-    config = model_config_of(payload)
-    if config.arch != "transformer":
-        raise UserError(
-            f"{checkpoint} is the paper's RNN (arch: {config.arch}): CTranslate2 has no counterpart "
-            "of its conditional GRU; only Transformers are exported"
-        )
     model = load_model(payload).eval()
     vocab = payload["vocab"]
     src, tgt = processors_from(vocab)
@@ -267,6 +252,30 @@ def export_ctranslate2(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return metadata
+
+
+def exportable_transformer(checkpoint: Path, out: Path, force: bool, engine: str, earlier_export: bool):
+    """(payload, model config) of a checkpoint an export may be made of, into `out`: a
+    Transformer translation model, and `out` new or (with --force) an earlier export."""
+    from nmt_tie.checkpoint import load_checkpoint, model_config_of
+
+    if out.exists() and not force:
+        raise UserError(f"{out} exists: give --force to replace it")
+    if out.exists() and not earlier_export:
+        # --force replaces an earlier export, never a run directory or a checkpoint
+        raise UserError(
+            f"{out} exists and is not an nmt-tie export, which --force would delete; choose another --out"
+        )
+    payload = load_checkpoint(checkpoint)
+    if payload.get("kind") == "lm":
+        raise UserError(f"{checkpoint} is a language model: only translation models are exported")
+    config = model_config_of(payload)
+    if config.arch != "transformer":
+        raise UserError(
+            f"{checkpoint} is the paper's RNN (arch: {config.arch}): {engine} has no counterpart "
+            "of its conditional GRU; only Transformers are exported"
+        )
+    return payload, config
 
 
 def _replace_directory(new: Path, target: Path) -> None:

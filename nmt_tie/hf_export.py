@@ -231,25 +231,13 @@ def export_huggingface(
     import torch
     from safetensors.torch import load_file, save_file
 
-    from nmt_tie.checkpoint import load_checkpoint, load_model, model_config_of
-    from nmt_tie.deploy import _replace_directory, sha256_of
+    from nmt_tie.checkpoint import load_model
+    from nmt_tie.deploy import _replace_directory, exportable_transformer, sha256_of
 
     checkpoint, out = Path(checkpoint), Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} exists: give --force to replace it")
-    if out.exists() and not (out / HF_METADATA).is_file():
-        raise UserError(
-            f"{out} exists and is not an nmt-tie export, which --force would delete; choose another --out"
-        )
-    payload = load_checkpoint(checkpoint)
-    if payload.get("kind") == "lm":
-        raise UserError(f"{checkpoint} is a language model: only translation models are exported")
-    config = model_config_of(payload)
-    if config.arch != "transformer":
-        raise UserError(
-            f"{checkpoint} is the paper's RNN (arch: {config.arch}): transformers has no counterpart of its "
-            "conditional GRU; only Transformers are exported"
-        )
+    payload, config = exportable_transformer(
+        checkpoint, out, force, "transformers", (out / HF_METADATA).is_file()
+    )
     vocab = payload["vocab"]
     if vocab["moses"]:
         raise UserError(
