@@ -65,6 +65,14 @@ def require_transformers():
     return transformers
 
 
+def pegasus_keeps_separate_embeddings() -> bool:
+    """transformers 5 gives Pegasus' encoder and decoder embedding matrices of their own (tied to
+    `shared` only with tie_word_embeddings); 4.x hands both the `shared` module itself."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
 def _layer_names(prefix: str, ours: str, decoder: bool) -> dict[str, tuple[str, slice | None]]:
     """HF name -> (nmt-tie name, rows of it) for one layer."""
     names: dict[str, tuple[str, slice | None]] = {}
@@ -171,6 +179,14 @@ def hf_layout(model, config) -> tuple[str, dict, dict, list[str]]:
                 "vocabularies of different sizes has no transformers counterpart; re-prepare with a joint one"
             )
         tied_all = encoder_shares and output_is_decoder
+        if not encoder_shares and not pegasus_keeps_separate_embeddings():
+            import transformers
+
+            raise UserError(
+                f"transformers {transformers.__version__}: Pegasus (pre-norm) shares one embedding "
+                f"between encoder and decoder before transformers 5; this tie: {config.tie} model has two: "
+                "export it with transformers >= 5"
+            )
         common["tie_word_embeddings"] = tied_all
         if tied_all:
             state["model.shared.weight"] = source

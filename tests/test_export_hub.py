@@ -30,7 +30,10 @@ from nmt_tie.translate import SearchOptions, Translator
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from nmt_tie.hf_export import export_huggingface  # noqa: E402
+from nmt_tie.hf_export import export_huggingface, pegasus_keeps_separate_embeddings  # noqa: E402
+
+# transformers 4.x: Pegasus has one embedding for encoder and decoder (the export refuses others)
+SEPARATE = pegasus_keeps_separate_embeddings()
 
 VARIANTS = [
     (norm, tie, p) for norm in ("pre", "post") for tie in ("none", "decoder", "all") for p in (0.0, 0.01)
@@ -53,6 +56,10 @@ def test_transformers_computes_nmt_ties_logits(norm, tie, projection, prepared, 
         tmp_path / "model.pt", prepared["joint"], tie=tie, norm=norm, projection_reg=projection
     )
     out = tmp_path / "hf"
+    if norm == "pre" and tie in ("none", "decoder") and not SEPARATE:
+        with pytest.raises(UserError, match="export it with transformers >= 5"):
+            export_huggingface(checkpoint, out)
+        return
     metadata = export_huggingface(checkpoint, out)
     assert metadata["transformers_class"] == (
         "PegasusForConditionalGeneration" if norm == "pre" else "MarianMTModel"
@@ -82,6 +89,8 @@ def vocabulary_matrices(directory: Path, vocab: int) -> list[str]:
     [("post", "all", 1), ("post", "decoder", 2), ("post", "none", 3), ("pre", "all", 1), ("pre", "none", 4)],
 )
 def test_a_tied_matrix_is_stored_once(norm, tie, stored, prepared, tmp_path):  # noqa: F811
+    if norm == "pre" and not SEPARATE:
+        pytest.skip("transformers 4.x: a pre-norm untied model is refused (tested above)")
     checkpoint, model = random_checkpoint(tmp_path / "model.pt", prepared["joint"], tie=tie, norm=norm)
     export_huggingface(checkpoint, tmp_path / "hf")
     vocab = model.embeddings.weight("output").size(0)
