@@ -397,9 +397,8 @@ def _add_export(sub) -> None:
     p.add_argument(
         "--max-positions",
         type=int,
-        default=1024,
-        help="ctranslate2 and argos: rows of the position table, the longest source or output "
-        "(1024; 512 is enough for nmt-tie translate and saves 0.5 MB at width 256)",
+        help="rows of the position table, the longest source or output: 1024 for ctranslate2 and "
+        "argos, 512 for huggingface (512 is enough for nmt-tie translate; 1 MB a table at width 256)",
     )
     p.add_argument("--beam", type=int, default=5, help="huggingface: num_beams of generation_config.json (5)")
     p.add_argument(
@@ -419,7 +418,7 @@ def _run_export(args) -> None:
     if args.to == "argos":
         return _run_export_argos(args)
     metadata = export_ctranslate2(
-        args.checkpoint, args.out, args.quantization or "float32", args.force, args.max_positions
+        args.checkpoint, args.out, args.quantization or "float32", args.force, args.max_positions or 1024
     )
     sizes = export_sizes(args.out)
     source = metadata["source_checkpoint_bytes"]
@@ -435,7 +434,9 @@ def _run_export(args) -> None:
 def _run_export_huggingface(args) -> None:
     from nmt_tie.hf_export import export_huggingface
 
-    metadata = export_huggingface(args.checkpoint, args.out, args.beam, args.lenpen, args.force)
+    metadata = export_huggingface(
+        args.checkpoint, args.out, args.beam, args.lenpen, args.force, args.max_positions or 512
+    )
     weights = (args.out / "model.safetensors").stat().st_size
     source = metadata["source_checkpoint_bytes"]
     print(
@@ -457,7 +458,7 @@ def _run_export_argos(args) -> None:
         args.src_code,
         args.tgt_code,
         args.force,
-        args.max_positions,
+        args.max_positions or 1024,
     )
     print(
         f"{args.out}: Argos Translate package {metadata['from_code']} -> {metadata['to_code']}, "

@@ -11,7 +11,7 @@ computes what nmt-tie computes. The mapping, read off transformers' own model co
   `v_proj`; feed-forward `up`/`down` are `fc1`/`fc2`; LayerNorm eps 1e-5 on both sides;
 - positions: nmt-tie's sinusoids are [sin | cos] with frequencies 10000^(-i / (d/2 - 1)),
   Marian's and Pegasus' 10000^(-2i / d). The tables are weights of the model, so nmt-tie's
-  table (1,024 positions) is written into model.safetensors, which transformers loads.
+  table (512 positions by default) is written into model.safetensors, which transformers loads.
   Marian leaves its table out when *saving* (`_keys_to_ignore_on_save`): a model loaded from
   this export and saved again with `save_pretrained` or `push_to_hub` would get Marian's own
   table back and translate differently, so the model card says to upload the directory as
@@ -49,7 +49,9 @@ from nmt_tie.errors import UserError
 
 HF_METADATA = "nmt_tie.json"
 HF_FORMAT = "nmt-tie-huggingface/1"
-POSITIONS = 1024  # rows of the position tables: the longest source or output
+# Rows of the position tables (the longest source or output): enough for nmt-tie's own limits
+# (sources of 256 pieces, outputs of 1.5 x 257 + 10), 1 MB less per table than 1,024 at width 256.
+POSITIONS = 512
 TOLERANCE = 1e-4  # largest difference of a logit allowed by the export's self-check
 CONFIG_CLASSES = {"MarianMTModel": "MarianConfig", "PegasusForConditionalGeneration": "PegasusConfig"}
 
@@ -128,7 +130,7 @@ def output_layer(embeddings):
         return weight.float() @ embeddings.projection.float().T, bias
 
 
-def hf_layout(model, config) -> tuple[str, dict, dict, list[str]]:
+def hf_layout(model, config, positions: int = POSITIONS) -> tuple[str, dict, dict, list[str]]:
     """(transformers class name, config kwargs, {HF name: tensor}, notes) for an nmt-tie
     Transformer; tensors of tied HF parameters are given once, under the name HF loads."""
     import torch
@@ -156,7 +158,7 @@ def hf_layout(model, config) -> tuple[str, dict, dict, list[str]]:
         "dropout": config.dropout,
         "attention_dropout": config.attention_dropout,
         "activation_dropout": 0.0,
-        "max_position_embeddings": POSITIONS,
+        "max_position_embeddings": positions,
         "scale_embedding": embeddings.input_scale != 1.0,
         "pad_token_id": PAD_ID,
         "bos_token_id": BOS_ID,
@@ -228,9 +230,9 @@ def hf_layout(model, config) -> tuple[str, dict, dict, list[str]]:
             "projection P folded into lm_head: the output matrix is stored apart from the embeddings"
         )
     state["final_logits_bias"] = bias.unsqueeze(0)
-    positions = sinusoidal_positions(POSITIONS, config.emb_dim)
-    state["model.encoder.embed_positions.weight"] = positions
-    state["model.decoder.embed_positions.weight"] = positions.clone()
+    table = sinusoidal_positions(positions, config.emb_dim)
+    state["model.encoder.embed_positions.weight"] = table
+    state["model.decoder.embed_positions.weight"] = table.clone()
     for side, count, decoder in (("encoder", config.enc_layers, False), ("decoder", config.dec_layers, True)):
         for i in range(count):
             names = _layer_names(f"model.{side}.layers.{i}", f"{side}.layers.{i}", decoder)
@@ -240,7 +242,12 @@ def hf_layout(model, config) -> tuple[str, dict, dict, list[str]]:
 
 
 def export_huggingface(
-    checkpoint: str | Path, out: str | Path, beam: int = 5, lenpen: float = 1.0, force: bool = False
+    checkpoint: str | Path,
+    out: str | Path,
+    beam: int = 5,
+    lenpen: float = 1.0,
+    force: bool = False,
+    max_positions: int = POSITIONS,
 ) -> dict:
     """Write the transformers directory `out` (built beside it, checked, then renamed)."""
     transformers = require_transformers()
@@ -262,9 +269,13 @@ def export_huggingface(
         )
     if beam < 1:
         raise UserError(f"--beam {beam}: need at least 1")
+    from nmt_tie.deploy import MIN_POSITIONS
+
+    if max_positions < MIN_POSITIONS:
+        raise UserError(f"--max-positions {max_positions}: nmt-tie's own limits need {MIN_POSITIONS}")
     model = load_model(payload).eval()
     with torch.no_grad():
-        class_name, settings, state, notes = hf_layout(model, config)
+        class_name, settings, state, notes = hf_layout(model, config, max_positions)
     model_class = getattr(transformers, class_name)
     hf_config = getattr(transformers, CONFIG_CLASSES[class_name])(**settings)
 
@@ -283,7 +294,7 @@ def export_huggingface(
         for name in ("model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"):
             stored.setdefault(name, state[name].float().contiguous())  # Marian leaves them out
         save_file(stored, weights, metadata={"format": "pt"})
-        _write_tokenizer(tmp, vocab)
+        _write_tokenizer(tmp, vocab, max_positions)
         _write_generation_config(tmp, beam, lenpen)
         difference = _self_check(model, tmp, transformers)
         if not difference <= TOLERANCE:
@@ -316,7 +327,7 @@ def export_huggingface(
     return metadata
 
 
-def _write_tokenizer(directory: Path, vocab: dict) -> None:
+def _write_tokenizer(directory: Path, vocab: dict, positions: int) -> None:
     """MarianTokenizer files: the SentencePiece model(s) and every piece with nmt-tie's id."""
     from nmt_tie.checkpoint import processors_from
 
@@ -342,7 +353,7 @@ def _write_tokenizer(directory: Path, vocab: dict) -> None:
         "unk_token": pieces[UNK_ID],
         "eos_token": pieces[EOS_ID],
         "pad_token": pieces[PAD_ID],
-        "model_max_length": POSITIONS,
+        "model_max_length": positions,
         # "<pad>", "</s>" typed in a sentence are text to nmt-tie's SentencePiece, not specials
         "split_special_tokens": True,
     }
