@@ -15,6 +15,4 @@ await page.goto(url, { waitUntil: "domcontentloaded" });
 // the page translates what its URL holds; wait until the translation is there
 await page.waitForFunction(() => document.body.innerText.includes("translatedText"), null, { timeout: 60000 });
 await page.screenshot({ path: out });
-const text = await page.evaluate(() => document.body.innerText);
-console.log(text.split("\n").filter((line) => line.trim()).slice(0, 12).join("\n"));
 await browser.close();
