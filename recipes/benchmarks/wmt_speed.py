@@ -73,8 +73,11 @@ FAIRSEQ_BASE = (
 )
 
 
-def news_data(root: Path, max_len: int) -> Path:
-    """newstest2009-2012 En-De (train) and 2013 (valid), a joint BPE of 8,000 pieces."""
+def news_data(root: Path, max_len: int, lines_per_set: int | None = None) -> Path:
+    """newstest2009-2012 En-De (train) and 2013 (valid), a joint BPE of 8,000 pieces
+    (`lines_per_set`: the first lines of each, for --tiny)."""
+    import itertools
+
     from nmt_tie.data.locations import data_root
     from nmt_tie.data.prepare import PrepareOptions, prepare
 
@@ -86,11 +89,12 @@ def news_data(root: Path, max_len: int) -> Path:
             for year in (2009, 2010, 2011, 2012):
                 from nmt_tie.data.text import read_lines
 
-                out.writelines(line + "\n" for line in read_lines(news / f"newstest{year}.{lang}.gz"))
+                lines = itertools.islice(read_lines(news / f"newstest{year}.{lang}.gz"), lines_per_set)
+                out.writelines(line + "\n" for line in lines)
     out = root / f"prepared-{max_len}"
     options = PrepareOptions(
         src="en", tgt="de", train=str(corpus / "train"), valid=str(news / "newstest2013"), out=out,
-        vocab_size=8000, max_len=max_len,
+        vocab_size=2000 if lines_per_set else 8000, max_len=max_len,
     )  # fmt: skip
     prepare(options, log=lambda m: None)
     return out
@@ -164,7 +168,9 @@ def measure(
             tokens.append(n)
         trainer.close()
         tokens_per_s = sum(tokens) / sum(times)
-        peak = matmul_peak("bf16" if device == "cuda" else trainer.precision, device)
+        peak = matmul_peak(
+            "bf16" if device == "cuda" else trainer.precision, device, repeats=1 if tiny else 5
+        )
         flops = counter.get_total_flops()
         global_tokens = train_cfg.global_batch_tokens or plan.tokens_per_update * as_one_of
         # a run's hours: its updates x the global batch's tokens, at this speed (x workers)
@@ -253,7 +259,8 @@ def main() -> None:
         jobs = [(recipe, tie, run == "compiled", int(workers)) for recipe, tie, run, workers in fields]
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data_dir or Path(tmp)
-        prepared = {limit: news_data(root, limit) for limit in {RECIPES[job[0]][2] for job in jobs}}
+        lines = 1500 if args.tiny else None
+        prepared = {limit: news_data(root, limit, lines) for limit in {RECIPES[job[0]][2] for job in jobs}}
         results = []
         for recipe, tie, compiled, as_one_of in jobs:
             if compiled and args.no_compile:
@@ -275,7 +282,7 @@ def main() -> None:
             vocab = 500 if args.tiny else RECIPES["wmt14_en_de_transformer"][1]
             work = root / "fairseq"
             work.mkdir(exist_ok=True)
-            news = prepared.get(250) or news_data(root, 250)
+            news = prepared.get(250) or news_data(root, 250, lines)
             fairseq = fairseq_speed(args.fairseq_venv, news, work, vocab, args.updates, args.device)
             print(json.dumps({"fairseq": fairseq}), flush=True)
     print(
