@@ -73,6 +73,14 @@ FAIRSEQ_BASE = (
 )
 
 
+FAIRSEQ_TINY = [
+    *("--encoder-layers", "1", "--decoder-layers", "1"),
+    *("--encoder-embed-dim", "32", "--decoder-embed-dim", "32"),
+    *("--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64"),
+    *("--encoder-attention-heads", "2", "--decoder-attention-heads", "2"),
+]
+
+
 def news_data(root: Path, max_len: int, lines_per_set: int | None = None) -> Path:
     """newstest2009-2012 En-De (train) and 2013 (valid), a joint BPE of 8,000 pieces
     (`lines_per_set`: the first lines of each, for --tiny)."""
@@ -196,14 +204,16 @@ def measure(
         }
 
 
-def fairseq_speed(venv: Path, data: Path, work: Path, vocab: int, updates: int, device: str) -> dict:
-    """fairseq's Transformer-base on the same pieces (dictionary padded to `vocab`) at about
-    25,000 target tokens per update; target tokens/s after the first 10 updates."""
+def fairseq_speed(venv: Path, data: Path, work: Path, updates: int, device: str, tiny: bool) -> dict:
+    """fairseq's Transformer-base on the same pieces (the dictionary padded to the recipe's
+    vocabulary size) at about 25,000 target tokens per update; target tokens/s after the first
+    10 updates (--tiny: a tiny model on the data's vocabulary, every update)."""
     from peers import write_pieces
 
     pieces = work / "pieces"
     src, tgt = write_pieces(data, pieces)
     listed = len((pieces / "dict.txt").read_text(encoding="utf-8").splitlines())
+    vocab = listed + 4 if tiny else RECIPES["wmt14_en_de_transformer"][1]
     with open(pieces / "dict.txt", "a", encoding="utf-8") as handle:  # the recipe's vocabulary size
         handle.writelines(f"madeupword{i} 1\n" for i in range(vocab - 4 - listed))
     binarized = work / "fairseq-bin"
@@ -214,15 +224,23 @@ def fairseq_speed(venv: Path, data: Path, work: Path, vocab: int, updates: int, 
          "--joined-dictionary", "--srcdict", str(pieces / "dict.txt"), "--workers", "2"],
         check=True, stdout=subprocess.DEVNULL,
     )  # fmt: skip
-    command = [str(venv / "bin" / "fairseq-train"), str(binarized), *FAIRSEQ_BASE.split()]
-    # fairseq's --max-tokens bounds max(source, target) per sentence: 12,500 x 2 accumulated
-    # comes to about 25,000 target tokens per update (its wpb says what it was)
-    command += ["--max-tokens", "12500", "--update-freq", "2", "--max-update", str(updates + 10)]
-    command += ["--log-format", "json", "--log-interval", "5", "--no-save", "--save-dir", str(work / "ckpt")]
+    command = [
+        str(venv / "bin" / "fairseq-train"),
+        str(binarized),
+        *FAIRSEQ_BASE.split(),
+        *(FAIRSEQ_TINY if tiny else []),
+    ]
+    skip = 0 if tiny else 10
+    # fairseq's --max-tokens bounds max(source, target) padded per sentence: 18,500 x 2
+    # accumulated comes to about 25,000 target tokens per update on news text (12,500 gave
+    # 17,000; its wpb says what it was)
+    command += ["--max-tokens", "18500", "--update-freq", "2", "--max-update", str(updates + skip)]
+    command += ["--log-format", "json", "--log-interval", "1" if tiny else "5", "--no-save"]
+    command += ["--save-dir", str(work / "ckpt")]
     command += ["--bf16"] if device == "cuda" else ["--cpu"]
     log = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     records = [json.loads(line[line.index("{") :]) for line in log.splitlines() if "train_inner" in line]
-    records = [r for r in records if int(r["num_updates"]) > 10]
+    records = [r for r in records if int(r["num_updates"]) > skip]
     return {
         "target_tokens_per_s": statistics.mean(float(r["wps"]) for r in records),
         "tokens_per_update": statistics.mean(float(r["wpb"]) for r in records),
@@ -279,11 +297,10 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
         fairseq = None
         if args.fairseq_venv:
-            vocab = 500 if args.tiny else RECIPES["wmt14_en_de_transformer"][1]
             work = root / "fairseq"
             work.mkdir(exist_ok=True)
             news = prepared.get(250) or news_data(root, 250, lines)
-            fairseq = fairseq_speed(args.fairseq_venv, news, work, vocab, args.updates, args.device)
+            fairseq = fairseq_speed(args.fairseq_venv, news, work, args.updates, args.device, args.tiny)
             print(json.dumps({"fairseq": fairseq}), flush=True)
     print(
         f"\n{'recipe':<25}{'tie':<6}{'run':<12}{'dtype':<6}{'tok/update':>11}{'tgt tok/s':>11}{'upd/s':>7}"
