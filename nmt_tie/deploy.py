@@ -248,10 +248,37 @@ def export_ctranslate2(
             "ctranslate2_version": ctranslate2.__version__,
         }
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        _write_model_card(tmp, checkpoint, payload, metadata, model)
         _replace_directory(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return metadata
+
+
+def _write_model_card(directory: Path, checkpoint: Path, payload: dict, metadata: dict, model) -> None:
+    """README.md: what the model is, how it was trained and scored, how to translate with it."""
+    from nmt_tie.model_card import model_card
+
+    src, tgt = metadata["languages"]["source"], metadata["languages"]["target"]
+    usage = [
+        "```bash",
+        "pip install 'nmt-tie[ctranslate2]'",
+        "echo 'A man is riding a bicycle.' | nmt-tie translate -c THIS_DIRECTORY --beam 5",
+        "```",
+        "",
+        "`nmt-tie translate -c THIS_DIRECTORY` takes it as a checkpoint (without PyTorch). CTranslate2 "
+        "itself takes it too: `ctranslate2.Translator(THIS_DIRECTORY)` on SentencePiece pieces "
+        f"(`{metadata['sentencepiece']['source']}`); it appends the source EOS itself.",
+    ]
+    notes = [
+        f"CTranslate2 {metadata['ctranslate2_version']}, weights in {metadata['quantization']}, a position "
+        f"table of {metadata['max_positions']} rows",
+        f"source checkpoint SHA-256: `{metadata['source_checkpoint_sha256']}`",
+    ]
+    title = f"nmt-tie {src}-{tgt} Transformer, {metadata['tie']}-tied, for CTranslate2"
+    front = {"language": [src, tgt], "tags": ["translation", "nmt-tie", "ctranslate2"]}
+    card = model_card(checkpoint, payload, model, title, usage, notes, front)
+    (directory / "README.md").write_text(card, encoding="utf-8")
 
 
 def exportable_transformer(checkpoint: Path, out: Path, force: bool, engine: str, earlier_export: bool):

@@ -110,11 +110,14 @@ def describe_training(facts: dict) -> list[str]:
 
 
 def describe_scores(facts: dict) -> list[str]:
+    """The run's score files: TEST (its best.pt), TEST.averaged, TEST.export-TYPE."""
     lines = []
     for name, score in facts.get("scores", {}).items():
+        test, _, variant = name.partition(".")
+        of = {"": "best.pt", "averaged": "averaged.pt"}.get(variant, f"through the {variant} export")
         for metric in ("bleu", "chrf"):
             if metric in score:
-                lines.append(f"- {name}: {score[metric]['text']} (`{score[metric]['signature']}`)")
+                lines.append(f"- {test} ({of}): {score[metric]['text']} (`{score[metric]['signature']}`)")
     return lines or ["- No scores were found beside the checkpoint (`nmt-tie score --out` writes them)."]
 
 
@@ -123,7 +126,7 @@ def model_card(
 ) -> str:
     facts = run_facts(checkpoint, payload)
     lines = ["---", yaml.safe_dump(front_matter, sort_keys=False).strip(), "---", "", f"# {title}", ""]
-    lines += ["Exported by [nmt-tie](https://github.com/) from `" + checkpoint.name + "`.", ""]
+    lines += [f"Exported by nmt-tie from `{checkpoint.name}`.", ""]
     lines += ["## Model", "", *describe_model(payload, model), ""]
     lines += ["## Training", "", *describe_training(facts), ""]
     lines += ["## Scores (sacreBLEU)", "", *describe_scores(facts), ""]
