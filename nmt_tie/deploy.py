@@ -362,6 +362,8 @@ class ExportedTranslator(TextTranslator):
         )
         super().__init__(src, tgt, options, warn)
         self.metadata = metadata
+        # a vocabulary map (vmap.txt) restricts each batch's output layer to its candidates
+        self.vocabulary_map = (directory / "vmap.txt").is_file()
         self.max_positions = metadata.get("max_positions", MAX_POSITIONS)
         if self.options.max_src_len + 1 > self.max_positions:
             raise UserError(
@@ -416,6 +418,7 @@ class ExportedTranslator(TextTranslator):
             max_batch_size=opts.max_tokens,
             batch_type="tokens",
             return_scores=True,
+            use_vmap=self.vocabulary_map,
         )
         self.lines_done(len(sources))
         index = self.tgt.vocab.index

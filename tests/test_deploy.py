@@ -302,3 +302,28 @@ def test_a_shorter_position_table_is_smaller_and_translates_the_same(trained, sm
         export_ctranslate2(trained, tmp_path / "100", max_positions=100)
     with pytest.raises(UserError, match="holds positions for 512 tokens; use at most 511"):
         ExportedTranslator(tmp_path / "512", SearchOptions(max_src_len=600))
+
+
+def test_a_vocabulary_map_restricts_the_output_layer_of_an_export(trained, small_corpus, tmp_path):
+    """vmap.txt in an export (recipes/distill/shortlist.py writes them): CTranslate2 only
+    considers its candidates. Every piece allowed: the same translations; only a few: other ones,
+    made of those pieces only."""
+    import shutil
+
+    export_ctranslate2(trained, tmp_path / "plain")
+    lines = (small_corpus / "valid.en").read_text().splitlines()[:20]
+    plain = ExportedTranslator(tmp_path / "plain", threads=1)
+    assert not plain.vocabulary_map
+    expected = [h[0][0] for h in plain.translate(lines)]
+    pieces = json.loads((tmp_path / "plain" / "shared_vocabulary.json").read_text())
+    for name, allowed in (("all", pieces[4:]), ("few", pieces[4:40])):
+        shutil.copytree(tmp_path / "plain", tmp_path / name)
+        (tmp_path / name / "vmap.txt").write_text("\t" + " ".join(allowed) + "\n", encoding="utf-8")
+        restricted = ExportedTranslator(tmp_path / name, threads=1)
+        assert restricted.vocabulary_map
+        hypotheses = restricted.translate_ids(restricted.src.encode(lines))
+        if name == "all":
+            assert [restricted.tgt.decode(h[0].tokens) for h in hypotheses] == expected
+        else:
+            allowed_ids = {restricted.tgt.vocab.index[p] for p in allowed}
+            assert all(set(h[0].tokens) <= allowed_ids for h in hypotheses)

@@ -44,6 +44,11 @@ CANDIDATES = {
     # a feed-forward of 512 2.26x)
     "e4d1-950": (950, ["warmup=317", "enc_layers=4", "dec_layers=1"], 0),
     "small-1500": (1500, ["warmup=500", "ffn_dim=512", "enc_layers=2", "dec_layers=1"], 0),
+    "small-dropout0-1500": (
+        1500,
+        ["warmup=500", "ffn_dim=512", "enc_layers=2", "dec_layers=1", "dropout=0.0"],
+        0,
+    ),
     # the last resort of the issue: fewer pairs, where the untied model's extra matrices overfit
     "subset8k-700": (700, ["warmup=233"], 8000),
     "subset4k-700": (700, ["warmup=233"], 4000),
