@@ -49,9 +49,11 @@ CANDIDATES = {
         ["warmup=500", "ffn_dim=512", "enc_layers=2", "dec_layers=1", "dropout=0.0"],
         0,
     ),
+    "small-2000": (2000, ["warmup=667", "ffn_dim=512", "enc_layers=2", "dec_layers=1"], 0),
     # the last resort of the issue: fewer pairs, where the untied model's extra matrices overfit
     "subset8k-700": (700, ["warmup=233"], 8000),
     "subset4k-700": (700, ["warmup=233"], 4000),
+    "small-subset16k-1500": (1500, ["warmup=500", "ffn_dim=512", "enc_layers=2", "dec_layers=1"], 16000),
 }
 
 
