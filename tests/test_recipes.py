@@ -141,15 +141,33 @@ def load_multi30k_recipe():
     return load_script(MULTI30K_RECIPE)
 
 
-def test_the_demo_warms_up_well_before_its_last_update():
-    multi30k_run = load_multi30k_recipe()
+def test_the_demo_trains_both_ties_with_one_configuration_made_for_its_budget():
+    """`make demo` (issue 40): untied and three-way tied, identical but for `tie`, the search's
+    chosen short-budget configuration, one validation at the end."""
+    from nmt_tie.report import count_unique, meta_model, mode_config
 
-    for updates in (None, 300, 600):
-        overrides = dict(item.split("=") for item in multi30k_run.demo_overrides(updates))
-        budget = updates or multi30k_run.DEMO_UPDATES
-        assert int(overrides["warmup"]) <= budget / 3
-    _, recipe = load_config(MULTI30K_RECIPE.parent / "transformer-all.yaml")
-    assert recipe.warmup >= multi30k_run.DEMO_UPDATES  # why the demo needs its own
+    multi30k_run = load_multi30k_recipe()
+    assert multi30k_run.DEMO_TIES == "none,all"
+    updates, overrides = multi30k_run.demo_settings()
+    settings = dict(item.split("=") for item in overrides)
+    assert updates == 1500 and int(settings["warmup"]) <= updates / 3
+    assert settings["valid_every"] == "100000"  # validated once, when training ends
+    configs = {
+        tie: load_config(
+            MULTI30K_RECIPE.parent / f"transformer-{tie}.yaml", [*overrides, "data=x", "save_dir=x"]
+        )
+        for tie in ("none", "all")
+    }
+    as_dicts = {tie: {**vars(model), **vars(train)} for tie, (model, train) in configs.items()}
+    assert {k for k in as_dicts["none"] if as_dicts["none"][k] != as_dicts["all"][k]} == {"tie"}
+    model = configs["all"][0]
+    assert (model.enc_layers, model.dec_layers, model.ffn_dim, model.dropout) == (2, 1, 512, 0.0)
+    sized = mode_config(model, "all", {"joint": 8000})
+    tied, untied = (count_unique(meta_model(mode_config(sized, tie))) for tie in ("all", "none"))
+    assert tied <= 0.65 * untied  # at least 35% fewer parameters
+    # another budget keeps the warm-up at a third of it
+    _, shorter = multi30k_run.demo_settings(600)
+    assert "warmup=200" in shorter
 
 
 CONVERGED_TABLES = RECIPES / "multi30k" / "tables.py"
