@@ -170,6 +170,27 @@ def test_the_demo_trains_both_ties_with_one_configuration_made_for_its_budget():
     assert "warmup=200" in shorter
 
 
+def test_the_demo_configuration_has_the_tied_model_ahead_for_every_seed_in_the_committed_search(tmp_path):
+    """The search's committed logs (results/demo-search) summarized as `--collect` does: the
+    demo's candidate has three seeds, each with the tied model level or ahead on validation,
+    and a run short of its budget is left out of the summary."""
+    import shutil
+
+    search = load_script(MULTI30K_RECIPE.parent / "demo_search.py")
+    results = search.collect(MULTI30K_RECIPE.parent / "results" / "demo-search")
+    demo = results[load_multi30k_recipe().DEMO_CANDIDATE]
+    assert sorted(demo["none"]) == sorted(demo["all"]) == ["1", "2", "3"]
+    assert all(demo["all"][seed] >= demo["none"][seed] for seed in demo["none"])
+    # an unfinished run (its last validation before the budget) does not count
+    copied = tmp_path / "small-1500"
+    shutil.copytree(MULTI30K_RECIPE.parent / "results" / "demo-search" / "small-1500", copied)
+    log = copied / "all-seed1" / "log.jsonl"
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines() if '"valid"' not in line))
+    partial = search.collect(tmp_path)
+    assert "all" not in partial["small-1500"] and "1" in partial["small-1500"]["none"]
+    assert "small-1500" not in search.summary_table(partial)
+
+
 CONVERGED_TABLES = RECIPES / "multi30k" / "tables.py"
 
 

@@ -11,8 +11,9 @@ deviation).
     python recipes/multi30k/demo_search.py --candidates all --seeds 1        # the search
     python recipes/multi30k/demo_search.py --candidates demo --seeds 1-3     # the check
 
-Runs resume and finished ones are skipped; results land in RUNS/summary.md and .json
-(committed under results/demo-search/).
+Runs resume and finished ones are skipped; the summary of every finished run in RUNS lands in
+RUNS/summary.md and .json (`--collect` only summarizes; the search's logs and configs are
+committed under results/demo-search/).
 """
 
 from __future__ import annotations
@@ -95,42 +96,20 @@ def final_valid(run_dir: Path) -> dict | None:
     return records[-1] if records else None
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", type=Path, required=True, help="prepared Multi30k En-De (run.py makes it)")
-    parser.add_argument("--runs", type=Path, default=Path("runs/demo-search"))
-    parser.add_argument("--candidates", default="all", help="comma-separated names, 'all' or 'demo'")
-    parser.add_argument("--seeds", default="1", help="N (1..N) or A-B")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("overrides", nargs="*", help="extra key=value for every run (e.g. dtype=fp32)")
-    args = parser.parse_args()
-    if args.candidates == "all":
-        names = list(CANDIDATES)
-    elif args.candidates == "demo":
-        from run import DEMO_CANDIDATE
+def collect(runs: Path) -> dict:
+    """{candidate: {tie: {seed: valid BLEU}}} of every run in RUNS that finished its budget,
+    read from the runs' logs (so runs made side by side, or copied together, add up)."""
+    results: dict = {}
+    for name, (updates, _, _) in CANDIDATES.items():
+        for run_dir in sorted((runs / name).glob("*-seed*")):
+            tie, _, seed = run_dir.name.partition("-seed")
+            valid = final_valid(run_dir)
+            if valid is not None and valid["update"] >= updates:
+                results.setdefault(name, {}).setdefault(tie, {})[seed] = valid["bleu"]
+    return results
 
-        names = [DEMO_CANDIDATE]
-    else:
-        names = args.candidates.split(",")
-    results = {}
-    summary_file = args.runs / "summary.json"
-    if summary_file.exists():
-        results = json.loads(summary_file.read_text())
-    for name in names:
-        updates, overrides, pairs = CANDIDATES[name]
-        data = subset_data(args.data, args.runs, pairs)
-        for seed in seed_range(args.seeds):
-            for tie in ("none", "all"):
-                run_dir = args.runs / name / f"{tie}-seed{seed}"
-                valid = final_valid(run_dir)
-                if valid is None or valid["update"] < updates:
-                    train(data, run_dir, tie, seed, updates, [*overrides, *args.overrides], args.threads)
-                    valid = final_valid(run_dir)
-                results.setdefault(name, {}).setdefault(tie, {})[str(seed)] = valid["bleu"]
-        args.runs.mkdir(parents=True, exist_ok=True)
-        summary_file.write_text(json.dumps(results, indent=2) + "\n")
+
+def summary_table(results: dict) -> str:
     lines = [
         "| candidate | updates | overrides | seeds | valid BLEU untied | valid BLEU three-way tied "
         "| tied - untied, per seed |",
@@ -149,7 +128,47 @@ def main() -> None:
             f"| {name} | {updates} | {' '.join(overrides)} | {','.join(seeds)} | {describe(none)} | "
             f"{describe(tied)} | {gaps} |"
         )
-    table = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, help="prepared Multi30k En-De (run.py makes it)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/demo-search"))
+    parser.add_argument("--candidates", default="all", help="comma-separated names, 'all' or 'demo'")
+    parser.add_argument("--seeds", default="1", help="N (1..N) or A-B")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--collect", action="store_true", help="train nothing: summarize the finished runs in RUNS"
+    )
+    parser.add_argument("overrides", nargs="*", help="extra key=value for every run (e.g. dtype=fp32)")
+    args = parser.parse_args()
+    if not args.collect:
+        if args.data is None:
+            parser.error("--data is needed to train (or give --collect)")
+        if args.candidates == "all":
+            names = list(CANDIDATES)
+        elif args.candidates == "demo":
+            from run import DEMO_CANDIDATE
+
+            names = [DEMO_CANDIDATE]
+        else:
+            names = args.candidates.split(",")
+        for name in names:
+            updates, overrides, pairs = CANDIDATES[name]
+            data = subset_data(args.data, args.runs, pairs)
+            for seed in seed_range(args.seeds):
+                for tie in ("none", "all"):
+                    run_dir = args.runs / name / f"{tie}-seed{seed}"
+                    valid = final_valid(run_dir)
+                    if valid is None or valid["update"] < updates:
+                        train(data, run_dir, tie, seed, updates, [*overrides, *args.overrides], args.threads)
+    results = collect(args.runs)
+    args.runs.mkdir(parents=True, exist_ok=True)
+    (args.runs / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = summary_table(results)
     (args.runs / "summary.md").write_text(table)
     print(table)
 
