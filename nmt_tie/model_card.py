@@ -4,7 +4,8 @@ how well it translates (sacreBLEU scores with their signatures), and how to use 
 Everything is read from the checkpoint and, when the checkpoint sits in its run directory,
 from the run's config.yaml, log.jsonl and score files, and from the prepared data directory
 the run names (prepare.json, stats.json) when it is still there. What is not known is said
-to be unknown, never guessed.
+to be unknown, never guessed. A recipe that knows more (how its training data was made, as the
+distillation recipe does) writes it to `card.md` in the run directory: the card includes it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def run_facts(checkpoint: Path, payload: dict) -> dict:
     facts["scores"] = {}
     for score_file in sorted(run.glob("*.score.json")):
         facts["scores"][score_file.name.removesuffix(".score.json")] = json.loads(score_file.read_text())
+    if (run / "card.md").is_file():
+        facts["recipe_notes"] = (run / "card.md").read_text(encoding="utf-8").strip()
     data = Path(facts.get("config", {}).get("data", "")) if facts.get("config") else None
     if data and (data / "prepare.json").is_file():
         facts["prepare"] = json.loads((data / "prepare.json").read_text())
@@ -129,6 +132,8 @@ def model_card(
     lines += [f"Exported by nmt-tie from `{checkpoint.name}`.", ""]
     lines += ["## Model", "", *describe_model(payload, model), ""]
     lines += ["## Training", "", *describe_training(facts), ""]
+    if "recipe_notes" in facts:
+        lines += [facts["recipe_notes"], ""]
     lines += ["## Scores (sacreBLEU)", "", *describe_scores(facts), ""]
     lines += ["## Use", "", *usage, ""]
     if notes:

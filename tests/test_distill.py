@@ -105,6 +105,9 @@ def test_the_recipe_distills_ships_summarizes_and_skips_what_is_done(corpus, tea
     export = runs / "distilled" / "student-4-1-seed1" / "export-int8"
     assert summary["shipped_bytes"] == sum(p.stat().st_size for p in export.iterdir() if p.is_file())
     assert json.loads((export / "nmt_tie.json").read_text())["max_positions"] == 512
+    # the model card says how the training data was made, and from which teacher
+    card = (export / "README.md").read_text()
+    assert "knowledge distillation" in card and str(teacher) in card and "real references" in card
     # a rerun translates nothing again and trains nothing again
     second = run_recipe(corpus, teacher, runs, results)
     assert second.returncode == 0, second.stdout + second.stderr

@@ -119,13 +119,39 @@ def distilled_corpus(args, teachers: list[Path]) -> Path:
     return corpus / "train"
 
 
-def student_runs(args, data: Path) -> list[Path]:
+def teacher_score(teacher: Path) -> str:
+    """The teacher's test2016 BLEU, where its run directory holds the score of that checkpoint."""
+    name = TEST_SET if teacher.stem == "best" else f"{TEST_SET}.{teacher.stem}"
+    score_file = teacher.parent / f"{name}.score.json"
+    if not score_file.is_file():
+        return ""
+    score = json.loads(score_file.read_text())["bleu"]
+    return f", {score['score']:.2f} BLEU on {TEST_SET} (`{score['signature']}`)"
+
+
+def card_notes(args, teachers: list[Path]) -> str:
+    """What the export's model card says of the training data (model_card reads card.md)."""
+    described = "; ".join(f"`{teacher}`{teacher_score(teacher)}" for teacher in teachers)
+    if len(teachers) > 1:
+        described = f"an ensemble of {len(teachers)} teachers: {described}"
+    original = ", followed by the original pairs" if args.with_original else ""
+    return (
+        "Sequence-level knowledge distillation (Kim & Rush 2016), nmt-tie's recipes/distill: the "
+        f"training targets are the teacher's translations of the training sources ({described}; "
+        f"beam {args.beam}){original}. Validation and test use the real references.\n"
+    )
+
+
+def student_runs(args, data: Path, teachers: list[Path]) -> list[Path]:
     run_dirs = []
     for student in args.students:
         for seed in args.seeds:
             run_dir = args.runs / args.variant / f"student-{student}-seed{seed}"
             run("train", str(RECIPE / f"student-{student}.yaml"), f"data={data}", f"save_dir={run_dir}",
                 f"seed={seed}", *args.overrides)  # fmt: skip
+            notes = card_notes(args, teachers)
+            if not (run_dir / "card.md").is_file() or (run_dir / "card.md").read_text() != notes:
+                (run_dir / "card.md").write_text(notes, encoding="utf-8")
             averaged = multi30k.average_around_best(run_dir, args.average)
             for name, checkpoint in ((TEST_SET, run_dir / "best.pt"), (f"{TEST_SET}.averaged", averaged)):
                 multi30k.translate_and_score(checkpoint, run_dir, name, args.multi30k, "en", "de", args)
@@ -251,7 +277,7 @@ def main() -> None:
         "--vocab-size",
         str(args.vocab_size),
     )
-    run_dirs = student_runs(args, data)
+    run_dirs = student_runs(args, data, teachers)
     summarize(args, run_dirs)
 
 
