@@ -6,7 +6,6 @@ previous one survives."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import signal
@@ -17,11 +16,12 @@ from pathlib import Path
 
 import pytest
 from conftest import prepare_small
-from test_train import assert_same_weights, final_weights, make_trainer, read_log, write_config
+from test_train import assert_same_weights, final_weights, make_trainer, write_config
 
 from nmt_tie import checkpoint as checkpoint_module
 from nmt_tie.checkpoint import load_checkpoint, save_atomic
 from nmt_tie.errors import UserError
+from nmt_tie.training.metrics import read_log
 from nmt_tie.training.preemption import TrainingStopped
 
 SETTINGS = {"max_updates": 120, "valid_every": 40, "log_every": 1, "valid_max_sentences": 40}
@@ -53,16 +53,7 @@ def start(config: Path, workers: int) -> subprocess.Popen:
 
 
 def logged_updates(run_dir: Path) -> list[int]:
-    path = run_dir / "log.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            break
-    return [r["update"] for r in records if r["type"] == "train"]
+    return [r["update"] for r in read_log(run_dir) if r["type"] == "train"]
 
 
 def interrupt(config: Path, run_dir: Path, workers: int, signum: int, at_update: int) -> tuple:

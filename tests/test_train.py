@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -22,6 +21,7 @@ from nmt_tie.cli import main
 from nmt_tie.config import load_config
 from nmt_tie.data.prepare import PrepareOptions, prepare
 from nmt_tie.errors import UserError
+from nmt_tie.training.metrics import read_log
 from nmt_tie.training.trainer import Trainer, TrainingDiverged
 from nmt_tie.training.translation import TranslationTask
 
@@ -108,10 +108,6 @@ def test_resume_after_a_kill_between_updates_gives_the_same_weights(tmp_path, da
     # The log holds each update once, as if nothing had happened.
     records = [r for r in read_log(tmp_path / "run") if r["type"] == "train"]
     assert [r["update"] for r in records] == [5, 10, 15, 20]
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
 def test_resume_after_a_kill_during_a_save(tmp_path, data_dir, uninterrupted, monkeypatch):

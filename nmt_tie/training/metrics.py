@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -48,7 +49,14 @@ class MetricsLog:
 
 
 def read_log(run_dir: Path) -> list[dict]:
+    """The records of RUN/log.jsonl; a last line still being written by a running trainer is left
+    out (any other line that is not JSON is an error)."""
     path = Path(run_dir) / "log.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    if lines:
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(lines[-1]))
+    return records
