@@ -659,7 +659,16 @@ ADDERS = [
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse takes a positional list in one piece: KEY=VALUE overrides after a flag
+        # (`nmt-tie params CONFIG --data DIR ffn_dim=512`) arrive here, and belong to it
+        if isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in item and not item.startswith("-") for item in extra
+        ):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.handler(args)
     except UserError as err:

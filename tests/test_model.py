@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -624,3 +625,19 @@ def test_each_architecture_and_tying_mode_learns_to_copy(arch, tie):
     with torch.no_grad():
         loss = F.cross_entropy(model(src, tgt_in).flatten(0, 1), tgt_out.flatten(), ignore_index=0)
     assert loss < 0.2, f"{arch}/{tie}: copy loss {loss:.3f}"
+
+
+def test_config_overrides_may_follow_the_flags(capsys, tmp_path, small_corpus):
+    """`nmt-tie params CONFIG --data DIR ffn_dim=512`: overrides after a flag count as they do
+    before it; anything else left over is still refused."""
+    from conftest import prepare_small, run_cli
+
+    data = prepare_small(small_corpus, tmp_path / "prep")
+    config = str(Path(__file__).resolve().parents[1] / "recipes" / "multi30k" / "transformer-all.yaml")
+    before = run_cli(capsys, "params", config, "ffn_dim=512", "enc_layers=2", "--data", str(data), "--json")
+    after = run_cli(capsys, "params", config, "--data", str(data), "--json", "ffn_dim=512", "enc_layers=2")
+    plain = run_cli(capsys, "params", config, "--data", str(data), "--json")
+    assert before[0] == after[0] == plain[0] == 0
+    assert json.loads(before[1]) == json.loads(after[1]) != json.loads(plain[1])
+    code, _, err = run_cli(capsys, "params", config, "--data", str(data), "--bogus", "x=1")
+    assert code == 2 and "unrecognized arguments: --bogus x=1" in err
