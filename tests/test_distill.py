@@ -122,3 +122,33 @@ def test_the_recipe_distills_ships_summarizes_and_skips_what_is_done(corpus, tea
         third.returncode == 2 and "teacher.de has 1 lines for 600 sources; rerun to redo it" in third.stderr
     )
     assert not (runs / "teacher.de").exists()
+
+
+SHIPPED = RECIPE / "en-de-student"
+RESULTS = RECIPE.parents[1] / "recipes" / "multi30k" / "results" / "distill"
+
+
+def test_the_shipped_student_translates_right_after_install(multi30k, tmp_path, capsys):
+    """The committed int8 student (recipes/distill/en-de-student): at most 10% of the untied fp32
+    checkpoint's bytes, its card says how it was made, and `nmt-tie translate -c` translates
+    test2016 with it as its summary says (BLEU on the first 200 sentences, recomputed)."""
+    pytest.importorskip("ctranslate2")
+    import sacrebleu
+    from conftest import run_cli
+
+    summary = json.loads((RESULTS / "distilled-student-4-1-seed1.json").read_text())
+    shipped = sum(path.stat().st_size for path in SHIPPED.iterdir() if path.is_file())
+    assert shipped <= 0.10 * summary["untied_fp32_bytes"] and shipped < 5_000_000
+    assert summary["bleu"] >= summary["untied_bleu"]
+    metadata = json.loads((SHIPPED / "nmt_tie.json").read_text())
+    assert (metadata["tie"], metadata["quantization"]) == ("all", "int8")
+    assert "knowledge distillation" in (SHIPPED / "README.md").read_text()
+    sources = write_lines(tmp_path / "test.en", subset(multi30k, "test_2016_flickr", "en", 200))
+    references = subset(multi30k, "test_2016_flickr", "de", 200)
+    out = tmp_path / "test.hyp"
+    command = ["translate", "-c", str(SHIPPED), "-i", str(sources), "-o", str(out), "--beam", "5"]
+    code, _, err = run_cli(capsys, *command)
+    assert code == 0, err
+    hypotheses = out.read_text(encoding="utf-8").splitlines()
+    assert len(hypotheses) == 200
+    assert sacrebleu.corpus_bleu(hypotheses, [references]).score > 30
