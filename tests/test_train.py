@@ -222,6 +222,21 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
     assert all(torch.isfinite(t).all() for t in payload["model"].values())
 
 
+def test_numbered_checkpoints_are_kept_every_save_every_updates_between_validations(tmp_path, data_dir):
+    """save_every does not wait for a validation (a short run validated once at its end, as the
+    demo, still gets checkpoints to average), and keep_last prunes them."""
+    make_trainer(tmp_path, data_dir, "run", max_updates=20, valid_every=1000, save_every=4, keep_last=3).run()
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("checkpoint_*.pt")) == [
+        "checkpoint_12.pt",
+        "checkpoint_16.pt",
+        "checkpoint_20.pt",
+    ]
+    assert [r["update"] for r in read_log(run) if r["type"] == "valid"] == [20]
+    assert load_checkpoint(run / "checkpoint_12.pt")["trainer"]["update"] == 12
+    assert "optimizer" not in load_checkpoint(run / "checkpoint_12.pt")  # weights only
+
+
 def test_run_directory_holds_config_logs_tensorboard_and_checkpoints(tmp_path, data_dir):
     make_trainer(tmp_path, data_dir, "run", save_every=5, keep_last=2).run()
     run = tmp_path / "run"

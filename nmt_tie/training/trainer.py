@@ -318,11 +318,24 @@ class Trainer:
         if improved:
             best = {**weights, "trainer": {**weights["trainer"], "best": self.best}}
             save_atomic(best, self.run_dir / "best.pt")
-        if self.cfg.save_every and self.update % self.cfg.save_every == 0:
-            save_atomic(weights, self.run_dir / f"checkpoint_{self.update}.pt")
-            numbered = sorted(self.run_dir.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
-            for old in numbered[: -self.cfg.keep_last] if self.cfg.keep_last > 0 else []:
-                old.unlink()
+        if self.numbered_due:
+            self._save_numbered(weights)
+
+    @property
+    def numbered_due(self) -> bool:
+        return bool(self.cfg.save_every) and self.update % self.cfg.save_every == 0
+
+    def save_numbered(self) -> None:
+        """checkpoint_UPDATE.pt alone, between validations (every rank takes part)."""
+        weights = self._weights_only(self._payload())
+        if self.dist.is_main:
+            self._save_numbered(weights)
+
+    def _save_numbered(self, weights: dict) -> None:
+        save_atomic(weights, self.run_dir / f"checkpoint_{self.update}.pt")
+        numbered = sorted(self.run_dir.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        for old in numbered[: -self.cfg.keep_last] if self.cfg.keep_last > 0 else []:
+            old.unlink()
 
     def _weights_only(self, payload: dict) -> dict:
         training_state = ("optimizer", "schedule", "scaler", "task", "trainer")
@@ -554,6 +567,8 @@ class Trainer:
             elif self.save_due:
                 self.save(improved=False)
                 self.log.write("save", {"update": self.update, "elapsed": round(self.elapsed(), 1)})
+            elif self.numbered_due:  # every save_every updates, validated or not
+                self.save_numbered()
             for hook in getattr(self, "after_update_hooks", []):
                 hook(self)
             if due:
