@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import shlex
 import subprocess
 import sys
@@ -32,6 +33,8 @@ RECIPE = Path(__file__).resolve().parent
 TEST_SET = "test_2016_flickr"
 # The converged results (README's Results), printed under the demo's own short-budget table.
 CONVERGED_TABLE = RECIPE / "results" / "converged" / "table.md"
+# The search behind the demo's configuration (demo_search.py), its seeds printed with the demo.
+DEMO_SEARCH = RECIPE / "results" / "demo-search" / "summary.json"
 
 
 # The demo's configuration, chosen by demo_search.py on validation (README here): a small,
@@ -220,6 +223,8 @@ def main() -> None:
     report = args.runs / f"report-{args.pair}-{args.arch}.md"
     run("compare", *map(str, run_dirs), "-o", str(report), "--plot", str(report.with_suffix(".png")))
     print(f"\ntable: {report}\nplot:  {report.with_suffix('.png')}")
+    if args.demo:
+        print_demo_seeds()
     if args.demo and CONVERGED_TABLE.is_file():
         print(
             f"\nThe demo trains a small Transformer (2 encoder layers, 1 decoder layer, feed-forward 512, "
@@ -230,6 +235,23 @@ def main() -> None:
             "recipes/multi30k/run.py --converge --seeds 3 dropout=0.2):\n"
         )
         print(CONVERGED_TABLE.read_text().strip())
+
+
+def print_demo_seeds() -> None:
+    """The demo is one seed of each model; say what the search's seeds of its configuration gave."""
+    if not DEMO_SEARCH.is_file():
+        return
+    by_tie = json.loads(DEMO_SEARCH.read_text()).get(DEMO_CANDIDATE, {})
+    seeds = sorted(set(by_tie.get("none", {})) & set(by_tie.get("all", {})), key=int)
+    if not seeds:
+        return
+    gaps = ", ".join(f"{by_tie['all'][s] - by_tie['none'][s]:+.2f}" for s in seeds)
+    print(
+        f"\nOne run of each model: another seed (or thread count, or precision) moves each score by "
+        f"about a BLEU point. The search ran this configuration with seeds {', '.join(seeds)}: on "
+        f"validation the three-way tied model was ahead of the untied one in each, by {gaps} BLEU "
+        f"({DEMO_SEARCH.parent.relative_to(RECIPE.parents[1])}/)."
+    )
 
 
 def checkpoints_around(updates: list[int], best_update: int, count: int) -> list[int]:
