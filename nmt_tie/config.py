@@ -131,7 +131,7 @@ class TrainConfig:
     eps: float = 1e-8  # Adam; Adadelta uses 1e-6
     rho: float = 0.95  # Adadelta
     weight_decay: float = 0.0
-    schedule: str = "inverse_sqrt"  # inverse_sqrt | plateau | constant | epoch_decay
+    schedule: str = "inverse_sqrt"  # inverse_sqrt | plateau | constant | epoch_decay | linear
     warmup: int = 4000  # inverse_sqrt: linear warm-up updates
     lr_decay: float = 0.5  # plateau: factor when validation does not improve
     min_lr: float = 1e-6  # plateau: floor

@@ -564,3 +564,20 @@ def test_compiled_training_gives_the_eager_losses_and_stops_recompiling(tmp_path
     assert 1 <= compiled_graph_count() - before == graphs_when_warm <= 4
     eager.close()
     compiled.close()
+
+
+def test_the_linear_schedule_warms_up_then_decays_to_zero_at_the_budget():
+    from nmt_tie.config import TrainConfig
+    from nmt_tie.training.optim import LRSchedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = LRSchedule(optimizer, TrainConfig(schedule="linear", lr=1.0, warmup=4, max_updates=10))
+    rates = []
+    for update in range(10):
+        schedule.set_update(update)
+        rates.append(schedule.lr)
+    expected = [0.25, 0.5, 0.75, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]
+    assert rates == pytest.approx(expected)
+    for budget in (0, 4):  # no budget, or one inside the warm-up: nothing to decay towards
+        with pytest.raises(UserError, match="linear decays to 0 at max_updates"):
+            LRSchedule(optimizer, TrainConfig(schedule="linear", lr=1.0, warmup=4, max_updates=budget))

@@ -40,15 +40,23 @@ class LRSchedule:
     """inverse_sqrt: linear warm-up to `lr`, then lr * sqrt(warmup / update) (Vaswani et al.).
     plateau: `lr` until a validation fails to improve, then times `lr_decay` (>= min_lr).
     epoch_decay: `lr` until epoch `decay_start`, then divided by `1 / lr_decay` per epoch
-    (the Zaremba schedule for language models). constant: `lr` throughout."""
+    (the Zaremba schedule for language models). constant: `lr` throughout.
+    linear: linear warm-up to `lr`, then linear decay to 0 at `max_updates` (for a fixed budget
+    of updates: the last updates take small steps, as averaging checkpoints would smooth them)."""
 
-    KINDS = ("inverse_sqrt", "plateau", "constant", "epoch_decay")
+    KINDS = ("inverse_sqrt", "plateau", "constant", "epoch_decay", "linear")
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, decay_start: int = 0):
         if cfg.schedule not in self.KINDS:
             raise UserError(f"schedule: {cfg.schedule!r} is not one of {', '.join(self.KINDS)}")
+        if cfg.schedule == "linear" and cfg.max_updates <= max(1, cfg.warmup):
+            raise UserError(
+                f"schedule: linear decays to 0 at max_updates, which must be above warmup "
+                f"({cfg.max_updates} <= {cfg.warmup})"
+            )
         self.optimizer = optimizer
         self.kind = cfg.schedule
+        self.max_updates = cfg.max_updates
         self.base_lr = cfg.lr
         self.warmup = max(1, cfg.warmup)
         self.decay = cfg.lr_decay
@@ -74,6 +82,10 @@ class LRSchedule:
             self._apply(self.plateau_lr)
         elif self.kind == "constant":
             self._apply(self.base_lr)
+        elif self.kind == "linear":
+            step = update + 1
+            left = (self.max_updates - update) / (self.max_updates - self.warmup)
+            self._apply(self.base_lr * min(step / self.warmup, left))
 
     def set_epoch(self, epoch: int) -> None:
         if self.kind == "epoch_decay":

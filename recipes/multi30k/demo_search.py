@@ -50,6 +50,13 @@ CANDIDATES = {
         ["warmup=500", "ffn_dim=512", "enc_layers=2", "dec_layers=1", "dropout=0.0"],
         0,
     ),
+    # the same, the learning rate decaying linearly to 0 at the end of the budget (a smoother
+    # final model, as averaging gives; averaging itself lifted the untied model more)
+    "small-dropout0-linear-1500": (
+        1500,
+        ["warmup=500", "ffn_dim=512", "enc_layers=2", "dec_layers=1", "dropout=0.0", "schedule=linear"],
+        0,
+    ),
     "small-2000": (2000, ["warmup=667", "ffn_dim=512", "enc_layers=2", "dec_layers=1"], 0),
     # the last resort of the issue: fewer pairs, where the untied model's extra matrices overfit
     "subset8k-700": (700, ["warmup=233"], 8000),
