@@ -116,6 +116,12 @@ def collect(runs: Path) -> dict:
     return results
 
 
+def seed_gaps(by_tie: dict) -> dict[str, float]:
+    """{seed: tied - untied valid BLEU} for the seeds both modes finished, in seed order."""
+    seeds = sorted(set(by_tie.get("none", {})) & set(by_tie.get("all", {})), key=int)
+    return {seed: by_tie["all"][seed] - by_tie["none"][seed] for seed in seeds}
+
+
 def summary_table(results: dict) -> str:
     lines = [
         "| candidate | updates | overrides | seeds | valid BLEU untied | valid BLEU three-way tied "
@@ -123,12 +129,13 @@ def summary_table(results: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, by_tie in results.items():
-        seeds = sorted(set(by_tie.get("none", {})) & set(by_tie.get("all", {})), key=int)
-        if not seeds:
+        by_seed = seed_gaps(by_tie)
+        if not by_seed:
             continue
+        seeds = list(by_seed)
         none = [by_tie["none"][s] for s in seeds]
         tied = [by_tie["all"][s] for s in seeds]
-        gaps = ", ".join(f"{t - n:+.2f}" for n, t in zip(none, tied, strict=True))
+        gaps = ", ".join(f"{gap:+.2f}" for gap in by_seed.values())
         updates, overrides, pairs = CANDIDATES[name]
         overrides = [*overrides, f"(first {pairs:,} pairs)"] if pairs else overrides
         lines.append(

@@ -242,15 +242,17 @@ def print_demo_seeds() -> None:
     if not DEMO_SEARCH.is_file():
         return
     by_tie = json.loads(DEMO_SEARCH.read_text()).get(DEMO_CANDIDATE, {})
-    seeds = sorted(set(by_tie.get("none", {})) & set(by_tie.get("all", {})), key=int)
-    if not seeds:
+    by_seed = _sibling("demo_search").seed_gaps(by_tie)
+    if not by_seed:
         return
-    gaps = ", ".join(f"{by_tie['all'][s] - by_tie['none'][s]:+.2f}" for s in seeds)
+    ahead = sum(gap >= 0 for gap in by_seed.values())
+    where = "in each" if ahead == len(by_seed) else f"in {ahead} of {len(by_seed)}"
+    gaps = ", ".join(f"{gap:+.2f}" for gap in by_seed.values())
     print(
         f"\nOne run of each model: another seed (or thread count, or precision) moves each score by "
-        f"about a BLEU point. The search ran this configuration with seeds {', '.join(seeds)}: on "
-        f"validation the three-way tied model was ahead of the untied one in each, by {gaps} BLEU "
-        f"({DEMO_SEARCH.parent.relative_to(RECIPE.parents[1])}/)."
+        f"about a BLEU point. The search ran this configuration with seeds {', '.join(by_seed)}: on "
+        f"validation the three-way tied model was level with or ahead of the untied one {where}, by "
+        f"{gaps} BLEU ({DEMO_SEARCH.parent.relative_to(RECIPE.parents[1])}/)."
     )
 
 
