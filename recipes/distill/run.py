@@ -144,12 +144,12 @@ def card_notes(args, teachers: list[Path]) -> str:
 
 def student_runs(args, data: Path, teachers: list[Path]) -> list[Path]:
     run_dirs = []
+    notes = card_notes(args, teachers)  # the same for every student
     for student in args.students:
         for seed in args.seeds:
             run_dir = args.runs / args.variant / f"student-{student}-seed{seed}"
             run("train", str(RECIPE / f"student-{student}.yaml"), f"data={data}", f"save_dir={run_dir}",
                 f"seed={seed}", *args.overrides)  # fmt: skip
-            notes = card_notes(args, teachers)
             if not (run_dir / "card.md").is_file() or (run_dir / "card.md").read_text() != notes:
                 (run_dir / "card.md").write_text(notes, encoding="utf-8")
             averaged = multi30k.average_around_best(run_dir, args.average)
