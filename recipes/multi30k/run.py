@@ -57,6 +57,22 @@ def demo_settings(max_updates: int | None = None) -> tuple[int, list[str]]:
     return max_updates or updates, ["valid_every=100000", *overrides]
 
 
+def demo_description() -> str:
+    """The demo's model and schedule in words, from the chosen candidate's overrides."""
+    settings = dict(item.split("=", 1) for item in demo_settings()[1])
+
+    def layers(count: str, side: str) -> str:
+        return f"{count} {side} layer{'s' if count != '1' else ''}"
+
+    words = [layers(settings["enc_layers"], "encoder"), layers(settings["dec_layers"], "decoder")]
+    words.append(f"feed-forward {settings['ffn_dim']}")
+    if float(settings.get("dropout", "0.1")) == 0:
+        words.append("no dropout")
+    if settings.get("schedule") == "linear":
+        words.append("the learning rate decaying linearly to 0")
+    return f"a small Transformer ({', '.join(words)})"
+
+
 def _sibling(name: str):
     """A script beside this one, as a module."""
     spec = importlib.util.spec_from_file_location(f"multi30k_{name}", RECIPE / f"{name}.py")
@@ -227,9 +243,9 @@ def main() -> None:
         print_demo_seeds()
     if args.demo and CONVERGED_TABLE.is_file():
         print(
-            f"\nThe demo trains a small Transformer (2 encoder layers, 1 decoder layer, feed-forward 512, "
-            f"no dropout) for {args.max_updates or 'a few'} updates, untied and three-way tied, with "
-            "otherwise identical settings: a configuration made for a short budget (recipes/multi30k/"
+            f"\nThe demo trains {demo_description()} for {args.max_updates or 'a few'} updates, untied "
+            "and three-way tied, with otherwise identical settings: a configuration made for a short "
+            "budget (recipes/multi30k/"
             "README.md, 'The demo'). The recipe's models trained to convergence "
             f"({CONVERGED_TABLE.parent.relative_to(RECIPE.parents[1])}/; full experiment: python "
             "recipes/multi30k/run.py --converge --seeds 3 dropout=0.2):\n"
@@ -242,17 +258,23 @@ def print_demo_seeds() -> None:
     if not DEMO_SEARCH.is_file():
         return
     by_tie = json.loads(DEMO_SEARCH.read_text()).get(DEMO_CANDIDATE, {})
-    by_seed = _sibling("demo_search").seed_gaps(by_tie)
+    search = _sibling("demo_search")
+    by_seed, beam_by_seed = search.seed_gaps(by_tie), search.seed_gaps(by_tie.get("beam5", {}))
     if not by_seed:
         return
-    ahead = sum(gap >= 0 for gap in by_seed.values())
-    where = "in each" if ahead == len(by_seed) else f"in {ahead} of {len(by_seed)}"
-    gaps = ", ".join(f"{gap:+.2f}" for gap in by_seed.values())
+    gaps = list(by_seed.values()) + list(beam_by_seed.values())
+    ahead = sum(gap >= 0 for gap in gaps)
+    where = "in each" if ahead == len(gaps) else f"in {ahead} of {len(gaps)}"
+    said = ", ".join(f"{gap:+.2f}" for gap in by_seed.values()) + " BLEU greedy"
+    if beam_by_seed:
+        said += " and " + ", ".join(f"{gap:+.2f}" for gap in beam_by_seed.values()) + " with beam 5"
+    spread = {tie: search.describe([by_tie[tie][seed] for seed in by_seed]) for tie in ("none", "all")}
     print(
-        f"\nOne run of each model: another seed (or thread count, or precision) moves each score by "
-        f"about a BLEU point. The search ran this configuration with seeds {', '.join(by_seed)}: on "
-        f"validation the three-way tied model was level with or ahead of the untied one {where}, by "
-        f"{gaps} BLEU ({DEMO_SEARCH.parent.relative_to(RECIPE.parents[1])}/)."
+        f"\nOne run of each model, and another seed (or thread count, or precision) moves each score. "
+        f"The search ran this configuration with seeds {', '.join(by_seed)} (validation, greedy: "
+        f"untied {spread['none']}, three-way tied {spread['all']}): the tied model was level with or "
+        f"ahead of the untied one {where}, by {said} "
+        f"({DEMO_SEARCH.parent.relative_to(RECIPE.parents[1])}/)."
     )
 
 
