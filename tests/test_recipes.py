@@ -150,7 +150,7 @@ def test_the_demo_trains_both_ties_with_one_configuration_made_for_its_budget():
     assert multi30k_run.DEMO_TIES == "none,all"
     updates, overrides = multi30k_run.demo_settings()
     settings = dict(item.split("=") for item in overrides)
-    assert updates == 1500 and int(settings["warmup"]) <= updates / 3
+    assert updates == 1250 and abs(int(settings["warmup"]) - updates / 3) < 1  # a third
     assert settings["valid_every"] == "100000"  # validated once, when training ends
     configs = {
         tie: load_config(
@@ -161,7 +161,8 @@ def test_the_demo_trains_both_ties_with_one_configuration_made_for_its_budget():
     as_dicts = {tie: {**vars(model), **vars(train)} for tie, (model, train) in configs.items()}
     assert {k for k in as_dicts["none"] if as_dicts["none"][k] != as_dicts["all"][k]} == {"tie"}
     model = configs["all"][0]
-    assert (model.enc_layers, model.dec_layers, model.ffn_dim, model.dropout) == (2, 1, 512, 0.0)
+    assert (model.enc_layers, model.dec_layers, model.ffn_dim, model.dropout) == (2, 2, 512, 0.0)
+    assert configs["all"][1].schedule == "linear"  # decays to 0 at the end of the demo's budget
     sized = mode_config(model, "all", {"joint": 8000})
     tied, untied = (count_unique(meta_model(mode_config(sized, tie))) for tie in ("all", "none"))
     assert tied <= 0.65 * untied  # at least 35% fewer parameters

@@ -38,9 +38,10 @@ DEMO_SEARCH = RECIPE / "results" / "demo-search" / "summary.json"
 
 
 # The demo's configuration, chosen by demo_search.py on validation (README here): a small,
-# fast Transformer (2 encoder layers, 1 decoder layer, feed-forward 512) without dropout,
-# trained 1,500 updates, untied and three-way tied with otherwise identical settings.
-DEMO_CANDIDATE = "small-dropout0-1500"
+# fast Transformer (2+2 layers, feed-forward 512) without dropout, 1,250 updates with the
+# learning rate decaying linearly to 0, untied and three-way tied with otherwise identical
+# settings.
+DEMO_CANDIDATE = "e2d2-dropout0-linear-1250"
 DEMO_TIES = "none,all"
 
 
