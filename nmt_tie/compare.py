@@ -42,6 +42,7 @@ class RunSummary:
     valid_curve: list[tuple[int, float]]
     tests: dict[str, dict] = field(default_factory=dict)  # test name -> {"bleu": x, "chrf": y}
     shipped: tuple[str, int] | None = None  # (quantization, model.bin bytes) of the smallest export
+    train_curve: list[tuple[int, float]] = field(default_factory=list)  # (update, training nll)
 
     @property
     def reduction(self) -> float:
@@ -92,6 +93,7 @@ def summarize_run(path: Path) -> RunSummary:
         valid_curve=[(r["update"], r["bleu"]) for r in valid if "bleu" in r],
         tests=tests,
         shipped=min(exports, key=lambda e: e[1]) if exports else None,
+        train_curve=[(r["update"], r["nll"]) for r in records if r.get("type") == "train" and "nll" in r],
     )
 
 
@@ -189,8 +191,23 @@ TIE_COLORS = {"none": "tab:red", "decoder": "tab:orange", "src-tgt": "tab:purple
 ARCH_MARKERS = {"transformer": "o", "rnn": "s"}
 
 
+def right_panel_curves(
+    runs: list[RunSummary],
+) -> tuple[str, str, list[tuple[RunSummary, list[tuple[int, float]]]]]:
+    """(title, y label, [(run, curve)]) of the plot's right panel: validation BLEU curves; or,
+    where no run was validated more than once (`make demo` validates at the end only), the
+    training curves, which a run always logs."""
+    if any(len(run.valid_curve) > 1 for run in runs) or not any(run.train_curve for run in runs):
+        return "validation curves", "validation BLEU", [(r, r.valid_curve) for r in runs if r.valid_curve]
+    return (
+        "training curves (each run validated once, at its end)",
+        "training cross-entropy per target token (nats)",
+        [(run, run.train_curve) for run in runs if run.train_curve],
+    )
+
+
 def comparison_plot(runs: list[RunSummary], path: Path) -> None:
-    """BLEU against parameters (left) and validation BLEU curves (right)."""
+    """BLEU against parameters (left) and validation BLEU (or training) curves (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,24 +235,24 @@ def comparison_plot(runs: list[RunSummary], path: Path) -> None:
     left.set_title("BLEU against model size")
     left.grid(alpha=0.3)
     left.legend(fontsize=7)
-    for run in runs:
-        if run.valid_curve:
-            updates, bleu = zip(*run.valid_curve, strict=True)
-            style = "-" if run.arch == "transformer" else "--"
-            # Markers: a run validated once is a point, not an invisible line of length zero.
-            right.plot(
-                updates,
-                bleu,
-                style,
-                marker="o",
-                markersize=3,
-                color=TIE_COLORS.get(run.tie, "black"),
-                alpha=0.8,
-                label=run.name,
-            )
+    title, label, curves = right_panel_curves(runs)
+    for run, curve in curves:
+        updates, values = zip(*curve, strict=True)
+        style = "-" if run.arch == "transformer" else "--"
+        # Markers: a run validated once is a point, not an invisible line of length zero.
+        right.plot(
+            updates,
+            values,
+            style,
+            marker="o" if curve is run.valid_curve else None,
+            markersize=3,
+            color=TIE_COLORS.get(run.tie, "black"),
+            alpha=0.8,
+            label=run.name,
+        )
     right.set_xlabel("updates")
-    right.set_ylabel("validation BLEU")
-    right.set_title("validation curves")
+    right.set_ylabel(label)
+    right.set_title(title)
     right.grid(alpha=0.3)
     if len(runs) <= 12:
         right.legend(fontsize=7)

@@ -133,6 +133,30 @@ def test_a_run_validated_once_is_drawn_as_a_point(tmp_path, monkeypatch):
     assert list(curve.get_xdata()) == [300] and curve.get_marker() == "o"
 
 
+def test_runs_validated_once_show_their_training_curves(tmp_path, monkeypatch):
+    """`make demo` validates each model once, at its end: the right panel then draws the
+    training curves the runs logged; a run validated several times keeps its BLEU curves."""
+    import matplotlib.figure
+
+    from nmt_tie.compare import comparison_plot
+
+    def run(tie: str, valid_curve: list) -> RunSummary:
+        return RunSummary(f"transformer-{tie}-seed1", Path("."), "en-de", "transformer", tie, 1, 75, 100,
+                          None, 20.0, 300, 1.0, valid_curve,
+                          train_curve=[(100, 4.0), (200, 3.0), (300, 2.5)])  # fmt: skip
+
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    comparison_plot([run("none", [(300, 20.0)]), run("all", [(300, 21.0)])], tmp_path / "plot.png")
+    right = figures[0].axes[1]
+    assert right.get_ylabel().startswith("training cross-entropy")
+    assert [list(line.get_ydata()) for line in right.lines] == [[4.0, 3.0, 2.5]] * 2
+    comparison_plot([run("none", [(150, 15.0), (300, 20.0)]), run("all", [(300, 21.0)])], tmp_path / "p.png")
+    right = figures[1].axes[1]
+    assert right.get_ylabel() == "validation BLEU"
+    assert [list(line.get_xdata()) for line in right.lines] == [[150, 300], [300]]
+
+
 MULTI30K_RECIPE = Path(__file__).parents[1] / "recipes" / "multi30k" / "run.py"
 
 

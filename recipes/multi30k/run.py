@@ -6,7 +6,7 @@ sacrebleu and prints the comparison table (`nmt-tie compare`, also written as Ma
 a PNG plot). Every step is an `nmt-tie` command, printed before it runs; re-running the
 recipe resumes unfinished training runs and skips finished ones.
 
-    python recipes/multi30k/run.py --demo                    # En-De, untied and three-way tied, ~13 min
+    python recipes/multi30k/run.py --demo                    # En-De, untied and three-way tied, ~12 min
     python recipes/multi30k/run.py --pair en-de --arch transformer --seeds 3 --max-updates 1000
     python recipes/multi30k/run.py --pair en-fr --arch rnn --max-time 10
     python recipes/multi30k/run.py --converge --seeds 3          # early stopping, averaging
@@ -160,8 +160,8 @@ def main() -> None:
     parser.add_argument(
         "--demo",
         action="store_true",
-        help="En-De, a small Transformer (2+1 layers, no dropout) untied and three-way tied, 1,500 "
-        "updates each (about 5 minutes each on 2 cores in fp32); its configuration: README here",
+        help="En-De, a small Transformer (2+2 layers, no dropout) untied and three-way tied, 1,250 "
+        "updates each (about 6 minutes each on 2 cores in fp32); its configuration: README here",
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="extra config overrides")
     args = parser.parse_args()
