@@ -31,6 +31,14 @@ sys.path.insert(0, str(RECIPE.parents[1]))
 
 from nmt_tie.training.metrics import read_log  # noqa: E402
 
+
+def shape(encoder_layers: int, decoder_layers: int) -> list[str]:
+    """A small Transformer's overrides: the recipe's width, a feed-forward of 512."""
+    return ["ffn_dim=512", f"enc_layers={encoder_layers}", f"dec_layers={decoder_layers}"]
+
+
+NO_DROPOUT_LINEAR = ["dropout=0.0", "schedule=linear"]
+
 # name -> (updates, overrides, training pairs: 0 = all 29,000); every candidate costs about
 # the same (updates x batch).
 CANDIDATES = {
@@ -61,34 +69,14 @@ CANDIDATES = {
     # 0.83x): with one decoder layer, the tied model's decoder input and output share a matrix
     # and the single layer must also turn "this word" into "the next word" (train loss 1.25 vs
     # the untied 0.74 in small-dropout0-linear-1500)
-    "e1d2-dropout0-linear-1300": (
-        1300,
-        ["warmup=433", "ffn_dim=512", "enc_layers=1", "dec_layers=2", "dropout=0.0", "schedule=linear"],
-        0,
-    ),
-    "e2d2-dropout0-linear-1250": (
-        1250,
-        ["warmup=417", "ffn_dim=512", "enc_layers=2", "dec_layers=2", "dropout=0.0", "schedule=linear"],
-        0,
-    ),
+    "e1d2-dropout0-linear-1300": (1300, ["warmup=433", *shape(1, 2), *NO_DROPOUT_LINEAR], 0),
+    "e2d2-dropout0-linear-1250": (1250, ["warmup=417", *shape(2, 2), *NO_DROPOUT_LINEAR], 0),
     # the same with a short warm-up, and a higher peak: more of the budget at a high learning rate
     # (at which, without the linear decay, the untied model varied more from seed to seed)
-    "e2d2-dropout0-linear-warmup150-1250": (
-        1250,
-        ["warmup=150", "ffn_dim=512", "enc_layers=2", "dec_layers=2", "dropout=0.0", "schedule=linear"],
-        0,
-    ),
+    "e2d2-dropout0-linear-warmup150-1250": (1250, ["warmup=150", *shape(2, 2), *NO_DROPOUT_LINEAR], 0),
     "e2d2-dropout0-linear-lr0.003-1250": (
         1250,
-        [
-            "lr=0.003",
-            "warmup=150",
-            "ffn_dim=512",
-            "enc_layers=2",
-            "dec_layers=2",
-            "dropout=0.0",
-            "schedule=linear",
-        ],
+        ["lr=0.003", "warmup=150", *shape(2, 2), *NO_DROPOUT_LINEAR],
         0,
     ),
     "small-2000": (2000, ["warmup=667", "ffn_dim=512", "enc_layers=2", "dec_layers=1"], 0),
