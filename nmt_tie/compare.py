@@ -193,15 +193,18 @@ ARCH_MARKERS = {"transformer": "o", "rnn": "s"}
 
 def right_panel_curves(
     runs: list[RunSummary],
-) -> tuple[str, str, list[tuple[RunSummary, list[tuple[int, float]]]]]:
-    """(title, y label, [(run, curve)]) of the plot's right panel: validation BLEU curves; or,
-    where no run was validated more than once (`make demo` validates at the end only), the
-    training curves, which a run always logs."""
+) -> tuple[str, str, str | None, list[tuple[RunSummary, list[tuple[int, float]]]]]:
+    """(title, y label, marker, [(run, curve)]) of the plot's right panel: validation BLEU
+    curves; or, where no run was validated more than once (`make demo` validates at the end
+    only), the training curves, which a run always logs. Validation points get a marker: a run
+    validated once is a point, not an invisible line of length zero."""
     if any(len(run.valid_curve) > 1 for run in runs) or not any(run.train_curve for run in runs):
-        return "validation curves", "validation BLEU", [(r, r.valid_curve) for r in runs if r.valid_curve]
+        curves = [(run, run.valid_curve) for run in runs if run.valid_curve]
+        return "validation curves", "validation BLEU", "o", curves
     return (
         "training curves (each run validated once, at its end)",
         "training cross-entropy per target token (nats)",
+        None,
         [(run, run.train_curve) for run in runs if run.train_curve],
     )
 
@@ -235,16 +238,15 @@ def comparison_plot(runs: list[RunSummary], path: Path) -> None:
     left.set_title("BLEU against model size")
     left.grid(alpha=0.3)
     left.legend(fontsize=7)
-    title, label, curves = right_panel_curves(runs)
+    title, label, marker, curves = right_panel_curves(runs)
     for run, curve in curves:
         updates, values = zip(*curve, strict=True)
         style = "-" if run.arch == "transformer" else "--"
-        # Markers: a run validated once is a point, not an invisible line of length zero.
         right.plot(
             updates,
             values,
             style,
-            marker="o" if curve is run.valid_curve else None,
+            marker=marker,
             markersize=3,
             color=TIE_COLORS.get(run.tie, "black"),
             alpha=0.8,

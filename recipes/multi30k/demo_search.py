@@ -173,6 +173,18 @@ def seed_gaps(by_tie: dict) -> dict[str, float]:
     return {seed: by_tie["all"][seed] - by_tie["none"][seed] for seed in seeds}
 
 
+def listed_gaps(by_tie: dict) -> str:
+    """The per-seed leads as the summary and the demo print them: "+0.78, +1.24, +0.65"."""
+    return ", ".join(f"{gap:+.2f}" for gap in seed_gaps(by_tie).values())
+
+
+def spreads(by_tie: dict) -> tuple[str, str]:
+    """(untied, tied) BLEU over the seeds both modes finished, as mean ± sd."""
+    seeds = list(seed_gaps(by_tie))
+    untied, tied = (describe([by_tie[tie][seed] for seed in seeds]) for tie in ("none", "all"))
+    return untied, tied
+
+
 def summary_table(results: dict) -> str:
     lines = [
         "| candidate | updates | overrides | seeds | valid BLEU untied | valid BLEU three-way tied "
@@ -180,29 +192,17 @@ def summary_table(results: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, by_tie in results.items():
-        by_seed = seed_gaps(by_tie)
-        if not by_seed:
+        seeds = list(seed_gaps(by_tie))
+        if not seeds:
             continue
-        seeds = list(by_seed)
-        none = [by_tie["none"][s] for s in seeds]
-        tied = [by_tie["all"][s] for s in seeds]
-        gaps = ", ".join(f"{gap:+.2f}" for gap in by_seed.values())
         updates, overrides, pairs = CANDIDATES[name]
         overrides = [*overrides, f"(first {pairs:,} pairs)"] if pairs else overrides
+        untied, tied = spreads(by_tie)
         beam = by_tie.get("beam5", {})
-        beam_gaps = seed_gaps(beam)
-        beam_columns = "| - | - |"
-        if beam_gaps:
-            beam_seeds = list(beam_gaps)
-            beam_columns = (
-                f"| {describe([beam['none'][s] for s in beam_seeds])} / "
-                f"{describe([beam['all'][s] for s in beam_seeds])} | "
-                + ", ".join(f"{gap:+.2f}" for gap in beam_gaps.values())
-                + " |"
-            )
+        beam_columns = f"{' / '.join(spreads(beam))} | {listed_gaps(beam)}" if seed_gaps(beam) else "- | -"
         lines.append(
-            f"| {name} | {updates} | {' '.join(overrides)} | {','.join(seeds)} | {describe(none)} | "
-            f"{describe(tied)} | {gaps} {beam_columns}"
+            f"| {name} | {updates} | {' '.join(overrides)} | {','.join(seeds)} | {untied} | {tied} | "
+            f"{listed_gaps(by_tie)} | {beam_columns} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -266,14 +266,14 @@ def print_demo_seeds() -> None:
     gaps = list(by_seed.values()) + list(beam_by_seed.values())
     ahead = sum(gap >= 0 for gap in gaps)
     where = "in each" if ahead == len(gaps) else f"in {ahead} of {len(gaps)}"
-    said = ", ".join(f"{gap:+.2f}" for gap in by_seed.values()) + " BLEU greedy"
+    said = f"{search.listed_gaps(by_tie)} BLEU greedy"
     if beam_by_seed:
-        said += " and " + ", ".join(f"{gap:+.2f}" for gap in beam_by_seed.values()) + " with beam 5"
-    spread = {tie: search.describe([by_tie[tie][seed] for seed in by_seed]) for tie in ("none", "all")}
+        said += f" and {search.listed_gaps(by_tie['beam5'])} with beam 5"
+    untied, tied = search.spreads(by_tie)
     print(
         f"\nOne run of each model, and another seed (or thread count, or precision) moves each score. "
         f"The search ran this configuration with seeds {', '.join(by_seed)} (validation, greedy: "
-        f"untied {spread['none']}, three-way tied {spread['all']}): the tied model was level with or "
+        f"untied {untied}, three-way tied {tied}): the tied model was level with or "
         f"ahead of the untied one {where}, by {said} "
         f"({DEMO_SEARCH.parent.relative_to(RECIPE.parents[1])}/)."
     )
