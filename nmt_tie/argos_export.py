@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import zipfile
 from pathlib import Path
 
+from nmt_tie.artifacts import METADATA_FILE
 from nmt_tie.errors import UserError
 
 LANGUAGE_NAMES = {
@@ -30,6 +32,7 @@ LANGUAGE_NAMES = {
     "ro": "Romanian", "ru": "Russian", "tr": "Turkish", "uk": "Ukrainian", "zh": "Chinese",
 }  # fmt: skip
 PACKAGE_VERSION = "1.0"
+LANGUAGE_CODE = re.compile(r"[a-z]{2,3}")  # ISO 639-1 or -3, as in the Argos package index
 
 
 def export_argos(
@@ -67,7 +70,8 @@ def export_argos(
             f"{checkpoint} was trained on Moses-tokenized text (prepare --moses): Argos applies "
             "SentencePiece only; re-prepare without --moses to package it"
         )
-    from_code, to_code = src_code or vocab.get("src_lang"), tgt_code or vocab.get("tgt_lang")
+    from_code = _language_code("--src-code", src_code, vocab.get("src_lang"))
+    to_code = _language_code("--tgt-code", tgt_code, vocab.get("tgt_lang"))
     metadata = {
         "package_version": PACKAGE_VERSION,
         "argos_version": "1.9",
@@ -109,11 +113,22 @@ def export_argos(
     return metadata
 
 
+def _language_code(flag: str, given: str | None, from_data: str | None) -> str:
+    """Argos and LibreTranslate name languages by ISO 639 codes ("en", "de"; "pb", "zt" for
+    their variants); a code they cannot match makes a package no one finds."""
+    code = given or from_data
+    if code and LANGUAGE_CODE.fullmatch(code):
+        return code
+    if given:
+        raise UserError(f"{flag} {given!r}: Argos names languages by 2 or 3 lower-case letters (en, de)")
+    raise UserError(
+        f"the checkpoint's data names its language {from_data!r}, not an ISO 639 code: give {flag} (en, de)"
+    )
+
+
 def _share_sentencepiece(folder: Path) -> None:
     """Argos reads the SentencePiece model beside metadata.json; the CTranslate2 export in
     model/ names it there too (nmt-tie translate -c PACKAGE/model), so it is stored once."""
-    from nmt_tie.deploy import METADATA_FILE
-
     model = folder / "model"
     os.replace(model / "sentencepiece.model", folder / "sentencepiece.model")
     export = json.loads((model / METADATA_FILE).read_text(encoding="utf-8"))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from nmt_tie.artifacts import wrong_kind
 from nmt_tie.config import ModelConfig, to_dict
 from nmt_tie.data.tokenizer import TextProcessor
 from nmt_tie.errors import UserError
@@ -70,12 +71,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load and check an nmt-tie checkpoint, with a one-line error for every way it can fail."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
+        raise UserError(wrong_kind(path, "a checkpoint (.pt)") or f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{path}: truncated or corrupt checkpoint ({reason})") from None
+        corrupt = f"{path}: truncated or corrupt checkpoint ({reason})"
+        raise UserError(wrong_kind(path, "a checkpoint (.pt)") or corrupt) from None
     except Exception as err:  # the weights-only unpickler refusing an object
         if "weights_only" in str(err) or "Unsupported" in str(err):
             raise UserError(f"{path}: not a safe nmt-tie checkpoint (it contains code objects)") from None

@@ -333,12 +333,15 @@ def _run_translate(args) -> None:
     _refuse_to_overwrite_an_input("-o", args.output, args.input, *args.checkpoint)
     exports = [path for path in args.checkpoint if path.is_dir()]
     if exports:
+        from nmt_tie.artifacts import wrong_kind
         from nmt_tie.deploy import EXPORT_MAX_TOKENS, ExportedTranslator, is_export
 
         if len(args.checkpoint) > 1:
             raise UserError(f"{exports[0]}: an exported model translates alone (no ensembles of exports)")
         if not is_export(exports[0]):
-            raise UserError(f"{exports[0]} is a directory but not an `nmt-tie export` (no nmt_tie.json)")
+            wanted = "a checkpoint (.pt) or an nmt-tie export"
+            unknown = f"{exports[0]} is a directory but not an `nmt-tie export` (no nmt_tie.json)"
+            raise UserError(wrong_kind(exports[0], wanted) or unknown)
     default_max_tokens = EXPORT_MAX_TOKENS if exports else SearchOptions.max_tokens
     options = SearchOptions(
         beam=args.beam,
@@ -400,19 +403,33 @@ def _add_export(sub) -> None:
         help="rows of the position table, the longest source or output: 1024 for ctranslate2 and "
         "argos, 512 for huggingface (512 is enough for nmt-tie translate; 1 MB a table at width 256)",
     )
-    p.add_argument("--beam", type=int, default=5, help="huggingface: num_beams of generation_config.json (5)")
-    p.add_argument(
-        "--lenpen", type=float, default=1.0, help="huggingface: length_penalty, as translate's --lenpen (1.0)"
-    )
+    p.add_argument("--beam", type=int, help="huggingface: num_beams of generation_config.json (5)")
+    p.add_argument("--lenpen", type=float, help="huggingface: length_penalty, as translate's --lenpen (1.0)")
     p.add_argument("--src-code", help="argos: the source language code (default: the prepared data's)")
     p.add_argument("--tgt-code", help="argos: the target language code (default: the prepared data's)")
     p.add_argument("--force", action="store_true", help="replace an existing export")
     p.set_defaults(handler=_run_export)
 
 
+# Options that only one kind of export reads: given to another, they would be ignored silently.
+EXPORT_OPTIONS = {
+    "--quantization": ("quantization", ("ctranslate2", "argos")),
+    "--beam": ("beam", ("huggingface",)),
+    "--lenpen": ("lenpen", ("huggingface",)),
+    "--src-code": ("src_code", ("argos",)),
+    "--tgt-code": ("tgt_code", ("argos",)),
+}
+
+
 def _run_export(args) -> None:
     from nmt_tie.deploy import export_ctranslate2, export_sizes
 
+    for flag, (name, readers) in EXPORT_OPTIONS.items():
+        if getattr(args, name) is not None and args.to not in readers:
+            weights = " (a transformers export is float32)" if name == "quantization" else ""
+            raise UserError(f"{flag} is for --to {' or '.join(readers)}, not --to {args.to}{weights}")
+    if args.max_positions is not None and args.max_positions < 1:
+        raise UserError(f"--max-positions {args.max_positions}: need at least 1")
     if args.to == "huggingface":
         return _run_export_huggingface(args)
     if args.to == "argos":
@@ -435,7 +452,12 @@ def _run_export_huggingface(args) -> None:
     from nmt_tie.hf_export import export_huggingface
 
     metadata = export_huggingface(
-        args.checkpoint, args.out, args.beam, args.lenpen, args.force, args.max_positions or 512
+        args.checkpoint,
+        args.out,
+        5 if args.beam is None else args.beam,
+        1.0 if args.lenpen is None else args.lenpen,
+        args.force,
+        args.max_positions or 512,
     )
     weights = (args.out / "model.safetensors").stat().st_size
     source = metadata["source_checkpoint_bytes"]

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import yaml
 
+from nmt_tie.artifacts import METADATA_FILE
 from nmt_tie.config import build_configs
-from nmt_tie.deploy import METADATA_FILE, export_sizes, read_metadata
+from nmt_tie.deploy import export_sizes, read_metadata
 from nmt_tie.errors import UserError
 from nmt_tie.report import count_unique, meta_model, mode_config
 from nmt_tie.training.metrics import read_log

@@ -30,6 +30,7 @@ import os
 import shutil
 from pathlib import Path
 
+from nmt_tie.artifacts import CTRANSLATE2_FORMAT, METADATA_FILE, wrong_kind
 from nmt_tie.data.tokenizer import BOS_ID, PAD_ID, TextProcessor
 from nmt_tie.errors import UserError
 from nmt_tie.hypotheses import Hypothesis, SearchOptions
@@ -38,8 +39,6 @@ from nmt_tie.translate import TextTranslator
 # PyTorch is imported by the export functions only: translating through an export needs
 # CTranslate2, SentencePiece and sacremoses, not PyTorch.
 
-METADATA_FILE = "nmt_tie.json"
-EXPORT_FORMAT = "nmt-tie-ctranslate2/1"
 QUANTIZATIONS = (
     "float32",
     "int8",
@@ -76,12 +75,14 @@ def is_export(path: str | Path) -> bool:
 
 def read_metadata(directory: str | Path) -> dict:
     directory = Path(directory)
+    wanted = "an nmt-tie CTranslate2 export"
     try:
         metadata = json.loads((directory / METADATA_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{directory / METADATA_FILE}: not a readable nmt-tie export ({err})") from None
-    if metadata.get("format") != EXPORT_FORMAT:
-        raise UserError(f"{directory / METADATA_FILE}: not an nmt-tie CTranslate2 export")
+        unreadable = f"{directory / METADATA_FILE}: not a readable nmt-tie export ({err})"
+        raise UserError(wrong_kind(directory, wanted) or unreadable) from None
+    if metadata.get("format") != CTRANSLATE2_FORMAT:
+        raise UserError(wrong_kind(directory, wanted) or f"{directory / METADATA_FILE}: not {wanted}")
     return metadata
 
 
@@ -233,7 +234,7 @@ def export_ctranslate2(
         (tmp / spm_files["source"]).write_bytes(vocab["spm_src"])
         (tmp / spm_files["target"]).write_bytes(vocab["spm_tgt"])
         metadata = {
-            "format": EXPORT_FORMAT,
+            "format": CTRANSLATE2_FORMAT,
             "tie": config.tie,
             "quantization": quantization,
             "max_positions": max_positions,

@@ -44,11 +44,10 @@ import os
 import shutil
 from pathlib import Path
 
+from nmt_tie.artifacts import HUGGINGFACE_FORMAT, METADATA_FILE
 from nmt_tie.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from nmt_tie.errors import UserError
 
-HF_METADATA = "nmt_tie.json"
-HF_FORMAT = "nmt-tie-huggingface/1"
 # Rows of the position tables (the longest source or output): enough for nmt-tie's own limits
 # (sources of 256 pieces, outputs of 1.5 x 257 + 10), 1 MB less per table than 1,024 at width 256.
 POSITIONS = 512
@@ -64,6 +63,9 @@ def require_transformers():
         raise UserError(
             "transformers is not installed: pip install 'nmt-tie[huggingface]' (or pip install transformers)"
         ) from None
+    # its bars for writing and loading the weights (transformers 5) would sit above the export's
+    # own one-line summary: the export takes a second
+    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 
@@ -259,7 +261,7 @@ def export_huggingface(
 
     checkpoint, out = Path(checkpoint), Path(out)
     payload, config = exportable_transformer(
-        checkpoint, out, force, "transformers", (out / HF_METADATA).is_file()
+        checkpoint, out, force, "transformers", (out / METADATA_FILE).is_file()
     )
     vocab = payload["vocab"]
     if vocab["moses"]:
@@ -303,7 +305,7 @@ def export_huggingface(
                 f"difference {difference:.2e} > {TOLERANCE:g}); not exported"
             )
         metadata = {
-            "format": HF_FORMAT,
+            "format": HUGGINGFACE_FORMAT,
             "transformers_class": class_name,
             "transformers_version": transformers.__version__,
             "tie": config.tie,
@@ -317,7 +319,7 @@ def export_huggingface(
             "search": {"beam": beam, "lenpen": lenpen},
             "notes": notes,
         }
-        (tmp / HF_METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         from nmt_tie.model_card import write_model_card
 
         write_model_card(tmp, checkpoint, payload, metadata, model)

@@ -257,3 +257,70 @@ def test_what_argos_cannot_hold_is_refused(prepared, tmp_path, capsys):  # noqa:
     with pytest.raises(UserError, match="is not a package"):
         export_argos(joint, tmp_path / "notes.argosmodel", force=True)
     assert (tmp_path / "notes.argosmodel").read_text() == "mine"
+
+
+def test_a_path_of_another_kind_is_named_with_what_to_give_instead(trained, prepared, tmp_path, capsys):  # noqa: F811
+    """Every command that reads a checkpoint or an export says what it was given instead (a run
+    directory, an export of another kind, an Argos package, prepared data) and what to give."""
+    import zipfile
+
+    run_dir = trained.parent
+    exports = {kind: tmp_path / name for kind, name in [("ctranslate2", "ct2"), ("huggingface", "hf")]}
+    exports["argos"] = tmp_path / "m.argosmodel"
+    for kind, out in exports.items():
+        assert run_cli(capsys, "export", str(trained), "--to", kind, "--out", str(out))[0] == 0
+    out = str(tmp_path / "out")
+    run_dir_line = f"{run_dir} is a training run directory, not a checkpoint (.pt)"
+    hf = exports["huggingface"]
+    hf_line = f"{hf} is a Hugging Face transformers export, not an nmt-tie CTranslate2 export"
+    cases = [
+        (["translate", "-c", run_dir], f"{run_dir_line} or an nmt-tie export"),
+        (["export", run_dir, "--out", out], run_dir_line),
+        (["average", run_dir, trained, "-o", out], run_dir_line),
+        (["translate", "-c", exports["huggingface"]], hf_line),
+        (["params", exports["huggingface"]], hf_line),
+        (["translate", "-c", exports["argos"]], f"{exports['argos']} is an Argos Translate package"),
+        (["export", exports["ctranslate2"], "--out", out], "CTranslate2 export, not a checkpoint (.pt):"),
+        (["translate", "-c", prepared["joint"]], "is a prepared data directory"),
+    ]
+    for argv, expected in cases:
+        code, _, err = run_cli(capsys, *map(str, argv))
+        assert code == 2 and expected in err and err.count("\n") == 1, (argv, err)
+        if "run directory" in expected:
+            assert f"give one of its checkpoints: {run_dir / 'best.pt'}, {trained}" in err  # in full
+    with zipfile.ZipFile(exports["argos"]) as archive:
+        archive.extractall(tmp_path / "unpacked")
+    (package,) = (tmp_path / "unpacked").iterdir()
+    code, _, err = run_cli(capsys, "translate", "-c", str(package))
+    assert code == 2 and f"give its model folder, {package / 'model'}" in err
+    (tmp_path / "in.en").write_text("a man is walking .\n", encoding="utf-8")
+    code, out, _ = run_cli(capsys, "translate", "-c", str(package / "model"), "-i", str(tmp_path / "in.en"))
+    assert code == 0 and len(out.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "to, option, value",
+    [
+        ("huggingface", "--quantization", "int8"),
+        ("ctranslate2", "--beam", "3"),
+        ("argos", "--lenpen", "0.6"),
+        ("ctranslate2", "--src-code", "fr"),
+        ("huggingface", "--tgt-code", "fr"),
+    ],
+)
+def test_an_option_the_chosen_export_does_not_read_is_refused(to, option, value, trained, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / ("x.argosmodel" if to == "argos" else "x")
+    code, _, err = run_cli(capsys, "export", str(trained), "--to", to, "--out", str(out), option, value)
+    assert code == 2 and f"{option} is for --to " in err and f"not --to {to}" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "option, value", [("--src-code", "english"), ("--tgt-code", "DE"), ("--src-code", "e")]
+)
+def test_an_argos_language_code_is_two_or_three_lower_case_letters(option, value, trained, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "x.argosmodel"
+    code, _, err = run_cli(capsys, "export", str(trained), "--to", "argos", "--out", str(out), option, value)
+    assert code == 2 and f"{option} {value!r}: Argos names languages by 2 or 3 lower-case letters" in err
+    assert not out.exists()
