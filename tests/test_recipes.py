@@ -429,6 +429,15 @@ def test_recipe_scripts_refuse_bad_use_before_doing_anything(tmp_path):
     assert "Traceback" not in result.stderr and not runs.exists()  # nothing prepared
     result = subprocess.run(["bash", str(RECIPES / "wmt.sh")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "run a recipe's run.sh" in result.stderr
+    # an override the configs refuse is said before the data is prepared (or, for the
+    # distillation recipe, before hours of training its teacher)
+    scripts = [("multi30k/run.py", "transformer-none.yaml"), ("distill/run.py", "student-6-1.yaml")]
+    overrides = [("bogus=1", "unknown key 'bogus'"), ("dropout=abc", "'abc' is not a valid")]
+    for (script, config), (override, message) in itertools.product(scripts, overrides):
+        argv = [sys.executable, str(RECIPES / script), "--runs", str(runs), override]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and f"{config}: " in result.stderr and message in result.stderr
+        assert "Traceback" not in result.stderr and not runs.exists(), result.stderr
 
 
 # --- the WMT recipes end to end, on local news text ------------------------------------------

@@ -51,6 +51,7 @@ def _load(path: Path):
 multi30k = _load(REPO / "recipes" / "multi30k" / "run.py")  # its steps: run, translate, average, export
 run, up_to_date = multi30k.run, multi30k.up_to_date
 
+from nmt_tie.artifacts import wrong_kind  # noqa: E402
 from nmt_tie.data.locations import data_root  # noqa: E402
 from nmt_tie.data.text import read_lines, split_file  # noqa: E402
 from nmt_tie.errors import UserError  # noqa: E402
@@ -63,9 +64,10 @@ def teacher_checkpoints(args) -> list[Path]:
     """The teachers given, or the Multi30k recipe's converged three-way tied model (trained
     here, or found done) and the average of its checkpoints nearest the best."""
     if args.teacher:
-        missing = [str(t) for t in args.teacher if not t.is_file()]
-        if missing:
-            raise UserError(f"--teacher: no such checkpoint: {', '.join(missing)}")
+        for teacher in args.teacher:
+            if not teacher.is_file():
+                missing = f"no such checkpoint: {teacher}"
+                raise UserError(f"--teacher: {wrong_kind(teacher, 'a checkpoint') or missing}")
         return args.teacher
     runs = args.runs / "teacher"
     command = [
@@ -251,6 +253,7 @@ def main() -> None:
     for student in args.students:
         if not (RECIPE / f"student-{student}.yaml").is_file():
             parser.error(f"--students: no student-{student}.yaml in {RECIPE}")
+    multi30k.check_overrides(parser, [RECIPE / f"student-{s}.yaml" for s in args.students], args.overrides)
     args.multi30k = args.corpus or data_root() / "multi30k"
     # the corpus variant names its corpus, prepared data and student runs: both can coexist
     args.variant = "distilled+original" if args.with_original else "distilled"

@@ -121,6 +121,19 @@ def up_to_date(output: Path, source: Path) -> bool:
     return output.exists() and source.exists() and output.stat().st_mtime > source.stat().st_mtime
 
 
+def check_overrides(parser: argparse.ArgumentParser, configs: list[Path], overrides: list[str]) -> None:
+    """An override a config refuses (an unknown key, a bad value), said before the first step
+    runs rather than by the first training, after the steps before it."""
+    from nmt_tie.config import load_config
+    from nmt_tie.errors import UserError
+
+    for config in configs:
+        try:
+            load_config(config, overrides)
+        except UserError as err:
+            parser.error(f"{config.name}: {err}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -179,6 +192,8 @@ def main() -> None:
     if args.converge:
         args.max_updates = args.max_updates or 30000
         args.overrides = [*converge_overrides(args), *args.overrides]
+    configs = [RECIPE / f"{args.arch}-{tie}.yaml" for tie in args.ties.split(",")]
+    check_overrides(parser, configs, args.overrides)
 
     src, tgt = args.pair.split("-")
     multi30k = data_root() / "multi30k"
