@@ -8,8 +8,11 @@ then: what the path is, and what to give instead. Torch-free, like the export pa
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
+
+from nmt_tie.errors import UserError
 
 METADATA_FILE = "nmt_tie.json"  # in every export: what it is and where it came from
 CTRANSLATE2_FORMAT = "nmt-tie-ctranslate2/1"
@@ -17,11 +20,12 @@ HUGGINGFACE_FORMAT = "nmt-tie-huggingface/1"
 CHECKPOINT_NAMES = ("best.pt", "last.pt", "averaged.pt")  # the ones a run directory offers first
 
 
-def _export_format(directory: Path) -> str | None:
+def _export_metadata(directory: Path) -> dict:
     try:
-        return json.loads((directory / METADATA_FILE).read_text(encoding="utf-8")).get("format")
-    except (OSError, ValueError, AttributeError):
-        return None
+        metadata = json.loads((directory / METADATA_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def _run_checkpoints(directory: Path) -> list[str]:
@@ -45,14 +49,12 @@ def _is_transformers_directory(path: Path) -> bool:
 
 
 def _directory_kind(path: Path) -> tuple[str, str] | None:
-    exported = _export_format(path)
-    if exported == CTRANSLATE2_FORMAT:
-        return "an nmt-tie CTranslate2 export", "give the checkpoint it was made from (nmt_tie.json names it)"
-    if exported == HUGGINGFACE_FORMAT or _is_transformers_directory(path):
-        return (
-            "a Hugging Face transformers export",
-            "load it with transformers (AutoModelForSeq2SeqLM), nmt-tie with the checkpoint it was made from",
-        )
+    metadata = _export_metadata(path)
+    source = f"it was exported from {metadata.get('source_checkpoint', 'a checkpoint')}"
+    if metadata.get("format") == CTRANSLATE2_FORMAT:
+        return "an nmt-tie CTranslate2 export", source
+    if metadata.get("format") == HUGGINGFACE_FORMAT or _is_transformers_directory(path):
+        return "a Hugging Face transformers export", f"load it with AutoModelForSeq2SeqLM; {source}"
     if (path / "metadata.json").is_file() and (path / "model" / METADATA_FILE).is_file():
         return "an unpacked Argos Translate package", f"give its model folder, {path / 'model'}"
     if (path / "log.jsonl").is_file() or (path / "config.yaml").is_file():
@@ -84,3 +86,12 @@ def wrong_kind(path: Path, wanted: str) -> str | None:
         return None
     what, instead = known
     return f"{path} is {what}, not {wanted}: {instead}"
+
+
+def refuse_to_overwrite_an_input(flag: str, output, *inputs) -> None:
+    """An output that is also an input would be emptied before (or replace it after) it is read."""
+    if not output or not os.path.exists(output):
+        return
+    for given in inputs:
+        if given and os.path.exists(given) and os.path.samefile(given, output):
+            raise UserError(f"{flag} {output} is also {given}, an input; write to another file")

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from nmt_tie.artifacts import refuse_to_overwrite_an_input
 from nmt_tie.errors import UserError
 
 
@@ -311,15 +311,6 @@ def _add_translate(sub) -> None:
     p.set_defaults(handler=_run_translate)
 
 
-def _refuse_to_overwrite_an_input(flag: str, output, *inputs) -> None:
-    """An output that is also an input would be emptied before (or replace it after) it is read."""
-    if not output or not os.path.exists(output):
-        return
-    for given in inputs:
-        if given and os.path.exists(given) and os.path.samefile(given, output):
-            raise UserError(f"{flag} {output} is also {given}, an input; write to another file")
-
-
 def _run_translate(args) -> None:
     from nmt_tie.translate import SearchOptions, Translator, translate_stream
 
@@ -330,7 +321,7 @@ def _run_translate(args) -> None:
     for flag, value in (("--max-src-len", args.max_src_len), ("--buffer-lines", args.buffer_lines)):
         if value < 1:
             raise UserError(f"{flag} {value}: need at least 1")
-    _refuse_to_overwrite_an_input("-o", args.output, args.input, *args.checkpoint)
+    refuse_to_overwrite_an_input("-o", args.output, args.input, *args.checkpoint)
     exports = [path for path in args.checkpoint if path.is_dir()]
     if exports:
         from nmt_tie.artifacts import wrong_kind
@@ -502,7 +493,7 @@ def _add_score(sub) -> None:
 def _run_score(args) -> None:
     from nmt_tie.evaluate import score_files
 
-    _refuse_to_overwrite_an_input("--out", args.out, args.hypotheses, args.references)
+    refuse_to_overwrite_an_input("--out", args.out, args.hypotheses, args.references)
     results = score_files(args.hypotheses, args.references, args.metrics.split(","), args.tokenize)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -634,7 +625,7 @@ def _add_embeddings(sub) -> None:
 def _run_embeddings(args) -> None:
     from nmt_tie import wordvectors
 
-    _refuse_to_overwrite_an_input("--export", args.export, args.checkpoint)
+    refuse_to_overwrite_an_input("--export", args.export, args.checkpoint)
     words, matrix = wordvectors.embedding_matrix(wordvectors.load_payload(args.checkpoint), args.which)
     if args.export:
         wordvectors.export_word2vec(words, matrix, args.export)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from nmt_tie.artifacts import METADATA_FILE
+from nmt_tie.artifacts import METADATA_FILE, refuse_to_overwrite_an_input, wrong_kind
 from nmt_tie.config import build_configs
 from nmt_tie.deploy import export_sizes, read_metadata
 from nmt_tie.errors import UserError
@@ -44,6 +44,7 @@ class RunSummary:
     tests: dict[str, dict] = field(default_factory=dict)  # test name -> {"bleu": x, "chrf": y}
     shipped: tuple[str, int] | None = None  # (quantization, model.bin bytes) of the smallest export
     train_curve: list[tuple[int, float]] = field(default_factory=list)  # (update, training nll)
+    sources: list[Path] = field(default_factory=list)  # the files read: a report must not replace one
 
     @property
     def reduction(self) -> float:
@@ -59,7 +60,8 @@ def summarize_run(path: Path) -> RunSummary:
     path = Path(path)
     config_file = path / "config.yaml"
     if not config_file.is_file():
-        raise UserError(f"{path} is not a run directory (no config.yaml)")
+        unknown = f"{path} is not a run directory (no config.yaml)"
+        raise UserError(wrong_kind(path, "a run directory") or unknown)
     values = yaml.safe_load(config_file.read_text())
     model_cfg, train_cfg = build_configs(values, str(config_file))
     params = count_unique(meta_model(model_cfg))
@@ -69,15 +71,14 @@ def summarize_run(path: Path) -> RunSummary:
     bleus = [r["bleu"] for r in valid if "bleu" in r]
     best = path / "best.pt"
     tests = {}
-    for score_file in sorted(path.glob("*.score.json")):
+    score_files = sorted(path.glob("*.score.json"))
+    for score_file in score_files:
         scores = json.loads(score_file.read_text())
         tests[score_file.name.removesuffix(".score.json")] = {k: v["score"] for k, v in scores.items()}
     pair = _pair_of(train_cfg.data)
-    exports = [
-        (read_metadata(meta.parent)["quantization"], export_sizes(meta.parent)["model_bin_bytes"])
-        for meta in sorted(path.glob(f"*/{METADATA_FILE}"))
-        if (meta.parent / "model.bin").is_file()
-    ]
+    export_dirs = [meta.parent for meta in sorted(path.glob(f"*/{METADATA_FILE}"))]
+    export_dirs = [export for export in export_dirs if (export / "model.bin").is_file()]
+    exports = [(read_metadata(d)["quantization"], export_sizes(d)["model_bin_bytes"]) for d in export_dirs]
     return RunSummary(
         name=path.name,
         path=path,
@@ -95,6 +96,10 @@ def summarize_run(path: Path) -> RunSummary:
         tests=tests,
         shipped=min(exports, key=lambda e: e[1]) if exports else None,
         train_curve=[(r["update"], r["nll"]) for r in records if r.get("type") == "train" and "nll" in r],
+        sources=[
+            *(config_file, path / "log.jsonl", best, *score_files),
+            *(export / name for export in export_dirs for name in (METADATA_FILE, "model.bin")),
+        ],
     )
 
 
@@ -275,9 +280,17 @@ def _headline_bleu(run: RunSummary) -> float | None:
 
 
 def compare(run_dirs: list[Path], report: Path | None = None, plot: Path | None = None) -> str:
+    if plot is not None:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if plot.suffix.lstrip(".").lower() not in formats:
+            raise UserError(f"--plot {plot}: name a file ending in one of .{', .'.join(sorted(formats))}")
     runs = [summarize_run(Path(d)) for d in run_dirs]
     if not runs:
         raise UserError("no run directories given")
+    for flag, output in (("-o", report), ("--plot", plot)):
+        refuse_to_overwrite_an_input(flag, output, *(source for run in runs for source in run.sources))
     names = [run.name for run in runs]
     for run in runs:
         if names.count(run.name) > 1:

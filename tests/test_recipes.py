@@ -10,6 +10,8 @@ import io
 import itertools
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -26,6 +28,7 @@ from nmt_tie.compare import RunSummary, compare, comparison_table
 from nmt_tie.config import load_config
 from nmt_tie.data.fetch import load_manifest
 from nmt_tie.data.text import read_lines
+from nmt_tie.errors import UserError
 from nmt_tie.training.metrics import read_log
 from nmt_tie.training.trainer import Trainer
 from nmt_tie.training.translation import TranslationTask
@@ -92,6 +95,27 @@ def test_compare_writes_a_table_and_a_plot_with_the_runs_numbers(two_runs):
     assert none["reduction"] == "0.0%" and float(tied["reduction"].rstrip("%")) > 30
     assert int(tied["params"].replace(",", "")) < int(none["params"].replace(",", ""))
     assert tied["test BLEU"] == "1.25" and tied["test chrF"] == "9.50" and none["test BLEU"] == "-"
+
+
+def test_compare_never_writes_over_what_it_reads_and_names_a_broken_log_line(two_runs, tmp_path):
+    root, runs = two_runs
+    for name in ("log.jsonl", "config.yaml", "best.pt", "test.score.json"):
+        report = runs[1] / name
+        before = report.read_bytes()
+        with pytest.raises(UserError, match=f"-o {re.escape(str(report))} is also .* an input"):
+            compare(runs, report)
+        assert report.read_bytes() == before
+    with pytest.raises(UserError, match=r"--plot .*report.txt: name a file ending in one of .*\.png"):
+        compare(runs, None, tmp_path / "report.txt")
+    assert not (tmp_path / "report.txt").exists()
+    broken = tmp_path / "broken"
+    shutil.copytree(runs[0], broken)
+    lines = (broken / "log.jsonl").read_text().splitlines()
+    (broken / "log.jsonl").write_text("\n".join([lines[0], "| a markdown table |", *lines[1:]]) + "\n")
+    with pytest.raises(UserError, match=re.escape(f"{broken / 'log.jsonl'}:2: not a JSON record")):
+        compare([broken])
+    (broken / "log.jsonl").write_text("\n".join([*lines, '{"type": "tra']) + "\n")  # being written
+    assert len(read_log(broken)) == len(lines)
 
 
 def test_compare_summarizes_seeds_as_mean_and_standard_deviation():

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
+
+from nmt_tie.errors import UserError
 
 
 class MetricsLog:
@@ -54,9 +55,19 @@ def read_log(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "log.jsonl"
     if not path.exists():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = [json.loads(line) for line in lines[:-1]]
-    if lines:
-        with contextlib.suppress(json.JSONDecodeError):
-            records.append(json.loads(lines[-1]))
+    lines = path.read_text().splitlines()
+    last = max((number for number, line in enumerate(lines, 1) if line.strip()), default=0)
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == last:
+                break  # the line a running trainer is writing
+            record = None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number}: not a JSON record; is this file a run's training log?")
+        records.append(record)
     return records
