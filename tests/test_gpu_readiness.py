@@ -521,6 +521,7 @@ def test_the_wmt_speed_script_measures_the_recipes_as_configured_on_the_cpu(tmp_
     command = [
         sys.executable, str(BENCHMARKS / "wmt_speed.py"), "--device", "cpu", "--tiny", "--updates", "1",
         "--jobs", "wmt14_en_de_transformer:all:eager:1,wmt15_en_de:all:eager:8", "--data-dir", str(tmp_path),
+        "--profile",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -538,3 +539,7 @@ def test_the_wmt_speed_script_measures_the_recipes_as_configured_on_the_cpu(tmp_
     assert transformer["global_tokens"] == 25000 and transformer["budget_updates"] == 100_000
     assert rnn["budget_updates"] == 300_000
     assert "hours: the recipe's max_updates x its global batch" in result.stdout
+    # --profile: the eager one-GPU job's operators by their own time (not the 1-of-8 job's)
+    profiled = result.stdout.split("wmt14_en_de_transformer all eager, two updates profiled:")
+    assert len(profiled) == 2 and "wmt15_en_de all eager, two updates" not in result.stdout
+    assert "Self CPU time total" in profiled[1] and "aten::" in profiled[1]

@@ -108,10 +108,32 @@ def news_data(root: Path, max_len: int, lines_per_set: int | None = None) -> Pat
     return out
 
 
+def profile_updates(trainer, device: str, updates: int = 2, rows: int = 25) -> str:
+    """Where an update's time goes: torch.profiler over `updates` updates, the operators with the
+    most time of their own on the device (the GPU's kernels, or the CPU's), as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(updates):
+            trainer.train_step()
+    sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort, row_limit=rows)
+
+
 def measure(
-    recipe: str, tie: str, compiled: bool, as_one_of: int, updates: int, data: str, tiny: bool, device: str
+    recipe: str,
+    tie: str,
+    compiled: bool,
+    as_one_of: int,
+    updates: int,
+    data: str,
+    tiny: bool,
+    device: str,
+    profile: bool = False,
 ) -> dict:
-    """Runs in a child process: the recipe's Trainer, `updates` timed updates."""
+    """Runs in a child process: the recipe's Trainer, `updates` timed updates (then, with
+    `profile`, two more under the profiler)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     from train_speed import matmul_peak
@@ -174,6 +196,7 @@ def measure(
             _, _, n, _ = trainer.train_step()  # synchronizes once (its statistics)
             times.append(time.perf_counter() - start)
             tokens.append(n)
+        profiled = profile_updates(trainer, device) if profile else None
         trainer.close()
         tokens_per_s = sum(tokens) / sum(times)
         peak = matmul_peak(
@@ -201,6 +224,7 @@ def measure(
             "budget_updates": budget_updates,
             "global_tokens": global_tokens,
             "hours": hours,
+            "profile": profiled,
         }
 
 
@@ -262,6 +286,12 @@ def main() -> None:
     )
     parser.add_argument("--fairseq-venv", type=Path, help="a virtualenv with fairseq: also train it")
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing each eager one-GPU job, profile two updates and print the operators "
+        "that take the most device time (where an update's time goes)",
+    )
+    parser.add_argument(
         "--jobs",
         help="RECIPE:TIE:eager|compiled:WORKERS,... (default: both Transformer ties, compiled, 1/8, the RNN)",
     )
@@ -286,7 +316,7 @@ def main() -> None:
             job = {
                 "recipe": recipe, "tie": tie, "compiled": compiled, "as_one_of": as_one_of,
                 "updates": args.updates, "data": str(prepared[RECIPES[recipe][2]]), "tiny": args.tiny,
-                "device": args.device,
+                "device": args.device, "profile": args.profile and not compiled and as_one_of == 1,
             }  # fmt: skip
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE)])}
             output = subprocess.run(
@@ -294,7 +324,7 @@ def main() -> None:
                 check=True, stdout=subprocess.PIPE, text=True, env=env,
             ).stdout  # fmt: skip
             results.append(json.loads(output.strip().splitlines()[-1]))
-            print(json.dumps(results[-1]), flush=True)
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "profile"}), flush=True)
         fairseq = None
         if args.fairseq_venv:
             work = root / "fairseq"
@@ -326,6 +356,9 @@ def main() -> None:
             f"{r['recipe']} {r['tie']} {'compiled' if r['compiled'] else 'eager'} "
             f"1/{r['as_one_of']}: {r['batch']}"
         )
+    for r in results:
+        if r["profile"]:
+            print(f"\n{r['recipe']} {r['tie']} eager, two updates profiled:\n{r['profile']}")
     if fairseq:
         ours = next(r for r in results if r["recipe"] == "wmt14_en_de_transformer" and r["tie"] == "all"
                     and not r["compiled"] and r["as_one_of"] == 1)  # fmt: skip
