@@ -190,6 +190,18 @@ def test_max_tokens_auto_refuses_a_device_too_small_for_one_pair(train_data):
         plan_batches(MODEL, cfg, train_data.src_lengths, train_data.tgt_lengths, 1, CPU)
 
 
+def test_a_negative_memory_budget_is_refused_and_a_global_batch_below_one_batch_is_said(train_data):
+    lengths = (train_data.src_lengths, train_data.tgt_lengths)
+    with pytest.raises(UserError, match="memory_budget: -1 GiB; give a positive size, or 0 to measure"):
+        plan_batches(MODEL, TrainConfig(max_tokens="auto", memory_budget=-1.0), *lengths, 1, CPU)
+    plan = plan_batches(MODEL, TrainConfig(global_batch_tokens=5), *lengths, 2, CPU)
+    (note,) = [n for n in plan.notes if "is below the smallest batch" in n]
+    assert plan.update_freq == 1 and plan.tokens_per_update > 5 * 1.2
+    assert f"an update has about {plan.tokens_per_update:,.0f} target tokens" in note
+    plan = plan_batches(MODEL, TrainConfig(global_batch_tokens=2000), *lengths, 2, CPU)
+    assert not [n for n in plan.notes if "is below the smallest batch" in n]
+
+
 # --- real training, gloo workers ---------------------------------------------------------------------
 
 

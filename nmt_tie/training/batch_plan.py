@@ -179,6 +179,8 @@ def plan_batches(
         )
     if min(cfg.global_batch_tokens, cfg.global_batch_sentences, cfg.update_freq - 1) < 0:
         raise UserError("global_batch_tokens and global_batch_sentences must be >= 0, update_freq >= 1")
+    if cfg.memory_budget < 0:
+        raise UserError(f"memory_budget: {cfg.memory_budget:g} GiB; give a positive size, or 0 to measure")
     src_lengths, tgt_lengths = np.asarray(src_lengths), np.asarray(tgt_lengths)
     widen = ladder_up if cfg.shape_ladder else int
     longest = (widen(int(src_lengths.max())), widen(int(tgt_lengths.max())))
@@ -218,6 +220,11 @@ def plan_batches(
             f"{plural(update_freq, 'batch')} of at most {max_sentences} sentences per worker and update"
         )
     tokens, sentences = means(max_tokens, max_sentences)
+    if cfg.global_batch_tokens and tokens * workers * update_freq > 1.2 * cfg.global_batch_tokens:
+        notes.append(
+            f"global_batch_tokens {cfg.global_batch_tokens:,} is below the smallest batch this data allows "
+            f"(max_tokens {max_tokens:,}): an update has about {tokens * workers:,.0f} target tokens"
+        )
     unbounded = means(sum(longest) * max_sentences, max_sentences)[1] if max_sentences else sentences
     if cfg.global_batch_sentences and sentences < 0.9 * unbounded:
         notes.append(
