@@ -445,6 +445,17 @@ def test_wmt_recipe_data_step_with_a_fake_mirror(recipe, corpus, tmp_path, mirro
         assert fetched == [" ".join(x.split()) for x in lines[tgt]]  # sacrebleu normalizes spaces
 
 
+SCRIPTS = sorted(p for p in RECIPES.glob("*/*.py") if "argparse" in p.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[f"{p.parent.name}/{p.name}" for p in SCRIPTS])
+def test_every_recipe_and_benchmark_script_answers_help(script):
+    # argparse formats help texts with %: a bare "%" in one made --help a TypeError traceback
+    command = [sys.executable, str(script), "--help"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage: "), result.stderr
+
+
 def test_recipe_scripts_refuse_bad_use_before_doing_anything(tmp_path):
     runs = tmp_path / "runs"
     argv = [sys.executable, str(RECIPES / "multi30k" / "run.py"), "--ties", "none,bogus", "--runs", str(runs)]

@@ -146,7 +146,7 @@ def main() -> None:
         type=int,
         default=1,
         help="run the three jobs this many times in turn; each ratio is to the fairseq job of its own "
-        "round (a shared machine's speed drifts by several % over minutes), the table gives medians",
+        "round (a shared machine's speed drifts by several percent over minutes), the table gives medians",
     )
     parser.add_argument(
         "--dtypes",
