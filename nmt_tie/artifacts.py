@@ -2,7 +2,8 @@
 
 Users give `translate -c` a run directory, `export` an export, `translate` an Argos package or a
 Hugging Face directory. Every command that reads a checkpoint or an export says the same thing
-then: what the path is, and what to give instead. Torch-free, like the export path that uses it.
+then: what the path is, and what to give instead. And no command's output replaces one of its
+inputs. Torch-free, like the export path that uses it.
 """
 
 from __future__ import annotations
