@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from nmt_tie.artifacts import wrong_kind
 from nmt_tie.errors import UserError
 
 ARCHS = ("rnn", "transformer")
@@ -249,7 +250,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), classes: tup
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            binary = f"{path}: not a YAML config (not UTF-8 text)"
+            raise UserError(wrong_kind(path, "a YAML config") or binary) from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f":{mark.line + 1}" if mark else ""

@@ -282,7 +282,10 @@ def test_a_path_of_another_kind_is_named_with_what_to_give_instead(trained, prep
         (["translate", "-c", exports["argos"]], f"{exports['argos']} is an Argos Translate package"),
         (["export", exports["ctranslate2"], "--out", out], "CTranslate2 export, not a checkpoint (.pt):"),
         (["translate", "-c", prepared["joint"]], "is a prepared data directory"),
+        (["params", exports["argos"]], "is an Argos Translate package, not a YAML config"),
+        (["train", tmp_path / "binary.yaml"], "binary.yaml: not a YAML config (not UTF-8 text)"),
     ]
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
     for argv, expected in cases:
         code, _, err = run_cli(capsys, *map(str, argv))
         assert code == 2 and expected in err and err.count("\n") == 1, (argv, err)
