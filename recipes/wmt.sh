@@ -7,7 +7,7 @@
 #   all    the three in order (the default); several stages may be given: data train eval
 #
 # Environment: CORPORA (downloads, default corpora/), RUNS (default runs/CORPUS), GPUS per node
-# (default 1), TORCHRUN_ARGS (e.g. "--nnodes 2 --node_rank 0 --rdzv_backend c10d
+# (default 1: one process, no launcher; more, or TORCHRUN_ARGS: torchrun), TORCHRUN_ARGS (e.g. "--nnodes 2 --node_rank 0 --rdzv_backend c10d
 # --rdzv_endpoint host0:29500" for several nodes), TIES (default "none decoder all"),
 # OVERRIDES (extra key=value config overrides), NMT_TIE (default nmt-tie), TORCHRUN (default
 # torchrun), MIRROR, EVAL_DTYPE (precision of the final translations, default fp32),
@@ -71,9 +71,16 @@ stage_data() {
 
 stage_train() {
   for tie in $TIES; do
-    # shellcheck disable=SC2086  # OVERRIDES and TORCHRUN_ARGS are word lists
-    say $TORCHRUN --nproc_per_node "$GPUS" ${TORCHRUN_ARGS:-} -m nmt_tie train "$HERE/$ARCH-$tie.yaml" \
-      data="$RUNS/data" save_dir="$RUNS/$ARCH-$tie" $OVERRIDES
+    local train=(train "$HERE/$ARCH-$tie.yaml" data="$RUNS/data" save_dir="$RUNS/$ARCH-$tie")
+    if [ "$GPUS" = 1 ] && [ -z "${TORCHRUN_ARGS:-}" ]; then
+      # one process needs no launcher: the job script gets nmt-tie's own exit status (143 after a
+      # SIGTERM, 2 and one line for a bad input) instead of torchrun's 1 and its report
+      # shellcheck disable=SC2086  # OVERRIDES is a word list
+      say $NMT_TIE "${train[@]}" $OVERRIDES
+    else
+      # shellcheck disable=SC2086  # OVERRIDES and TORCHRUN_ARGS are word lists
+      say $TORCHRUN --nproc_per_node "$GPUS" ${TORCHRUN_ARGS:-} -m nmt_tie "${train[@]}" $OVERRIDES
+    fi
   done
 }
 
@@ -95,6 +102,10 @@ stage_eval() {
   say $NMT_TIE compare "${runs[@]}" -o "$RUNS/report.md" --plot "$RUNS/report.png"
 }
 
+if ! [[ $GPUS =~ ^[1-9][0-9]*$ ]]; then
+  echo "GPUS=$GPUS: give the number of GPUs per node (1, 2, ...)" >&2
+  exit 2
+fi
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(all)
 for stage in "${stages[@]}"; do

@@ -464,6 +464,11 @@ def test_recipe_scripts_refuse_bad_use_before_doing_anything(tmp_path):
     assert "Traceback" not in result.stderr and not runs.exists()  # nothing prepared
     result = subprocess.run(["bash", str(RECIPES / "wmt.sh")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "run a recipe's run.sh" in result.stderr
+    for gpus in ("abc", "0"):
+        command = ["bash", str(RECIPES / "wmt15_en_de" / "run.sh"), "train"]
+        env = {**os.environ, "GPUS": gpus, "RUNS": str(runs)}
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+        assert result.returncode == 2 and f"GPUS={gpus}: give the number of GPUs" in result.stderr
     # an override the configs refuse is said before the data is prepared (or, for the
     # distillation recipe, before hours of training its teacher)
     scripts = [("multi30k/run.py", "transformer-none.yaml"), ("distill/run.py", "student-6-1.yaml")]
@@ -480,18 +485,18 @@ def test_recipe_scripts_refuse_bad_use_before_doing_anything(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "recipe, pair, model",
+    "recipe, pair, model, gpus",
     [
-        ("wmt14_en_de_transformer", "en-de", "emb_dim=32 ffn_dim=64 enc_layers=1 dec_layers=1 heads=2"),
-        ("wmt15_en_de", "en-de", "emb_dim=32 hidden_dim=32"),
-        ("wmt14_en_fr", "en-fr", "emb_dim=32 hidden_dim=32"),
+        ("wmt14_en_de_transformer", "en-de", "emb_dim=32 ffn_dim=64 enc_layers=1 dec_layers=1 heads=2", 2),
+        ("wmt15_en_de", "en-de", "emb_dim=32 hidden_dim=32", 1),
+        ("wmt14_en_fr", "en-fr", "emb_dim=32 hidden_dim=32", 1),
     ],
 )
-def test_a_wmt_recipe_runs_end_to_end_on_local_news_text(recipe, pair, model, tmp_path, corpora):
+def test_a_wmt_recipe_runs_end_to_end_on_local_news_text(recipe, pair, model, gpus, tmp_path, corpora):
     """`run.sh data train eval` with CORPUS_DIR: newstest2009-2012 as training data, 2013 for
     validation, 2014 for test (their first lines, for time), a tiny model and a few updates
     as overrides; every stage as the recipe has it (its batching, length normalization,
-    averaging)."""
+    averaging). One process trains without a launcher, two (gloo workers here) under torchrun."""
     src, tgt = pair.split("-")
     local = tmp_path / "news"
     local.mkdir()
@@ -511,6 +516,7 @@ def test_a_wmt_recipe_runs_end_to_end_on_local_news_text(recipe, pair, model, tm
         "VOCAB": "500",
         "NMT_TIE": f"{sys.executable} -m nmt_tie",
         "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
+        "GPUS": str(gpus),
         "OVERRIDES": f"{model} max_updates=4 valid_every=2 save_every=2 log_every=2 threads=1",
         "OMP_NUM_THREADS": "1",
     }
@@ -522,12 +528,15 @@ def test_a_wmt_recipe_runs_end_to_end_on_local_news_text(recipe, pair, model, tm
         timeout=900,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    launched = result.stderr.count(f"-m torch.distributed.run --nproc_per_node {gpus} -m nmt_tie train ")
+    assert launched == (3 if gpus > 1 else 0) and result.stderr.count("-m nmt_tie train ") == 3
     stats = json.loads((runs / "data" / "stats.json").read_text())
     assert stats["splits"]["train"]["read"] == 1200 and stats["splits"]["newstest2014"]["read"] == 30
     recipe_config = yaml.safe_load((RECIPES / recipe / f"{recipe_arch(recipe)}-all.yaml").read_text())
     for tie in ("none", "decoder", "all"):
         run = runs / f"{recipe_arch(recipe)}-{tie}"
         setup = next(r for r in read_log(run) if r["type"] == "setup")
+        assert setup["workers"] == gpus
         assert any(note.startswith("max_tokens auto: ") for note in setup["batch_notes"])
         if recipe_config.get("global_batch_tokens"):  # about 25,000 target tokens (the data has 36,000)
             assert abs(setup["tokens_per_update"] / recipe_config["global_batch_tokens"] - 1) < 0.15
