@@ -90,6 +90,10 @@ stage_eval() {
     local run="$RUNS/$ARCH-$tie" checkpoint="$RUNS/$ARCH-$tie/best.pt"
     runs+=("$run")
     if [ "$AVERAGE" = 1 ]; then
+      if ! compgen -G "$run/checkpoint_*.pt" > /dev/null; then
+        echo "$run has no numbered checkpoints to average: run the train stage first" >&2
+        exit 2
+      fi
       say $NMT_TIE average "$run"/checkpoint_*.pt -o "$run/averaged.pt"
       checkpoint="$run/averaged.pt"
     fi

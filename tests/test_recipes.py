@@ -464,6 +464,10 @@ def test_recipe_scripts_refuse_bad_use_before_doing_anything(tmp_path):
     assert "Traceback" not in result.stderr and not runs.exists()  # nothing prepared
     result = subprocess.run(["bash", str(RECIPES / "wmt.sh")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "run a recipe's run.sh" in result.stderr
+    command = ["bash", str(RECIPES / "wmt14_en_de_transformer" / "run.sh"), "eval"]
+    env = {**os.environ, "RUNS": str(runs)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2 and "transformer-none has no numbered checkpoints to" in result.stderr
     for gpus in ("abc", "0"):
         command = ["bash", str(RECIPES / "wmt15_en_de" / "run.sh"), "train"]
         env = {**os.environ, "GPUS": gpus, "RUNS": str(runs)}
