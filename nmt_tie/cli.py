@@ -245,11 +245,22 @@ def _add_train(sub) -> None:
     p.set_defaults(handler=_run_train)
 
 
+def _answer_ctrl_c() -> None:
+    """A script that starts training in the background (to pass signals on, as the WMT recipes
+    do) hands it SIGINT ignored, as bash does for background commands: until the trainer sets
+    its own handler, Ctrl-C passed on by the script must still stop it."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _run_train(args) -> None:
     from nmt_tie.config import load_config
     from nmt_tie.training.trainer import Trainer
     from nmt_tie.training.translation import TranslationTask
 
+    _answer_ctrl_c()
     model_cfg, train_cfg = load_config(args.config, args.overrides)
     Trainer(TranslationTask, model_cfg, train_cfg).run()
 

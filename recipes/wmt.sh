@@ -37,6 +37,26 @@ LENGTH_NORM=${LENGTH_NORM:-average}  # score / length ** LENPEN (average) or GNM
 
 say() { echo "+ $*" >&2; "$@"; }
 
+# Training runs as a child that this script waits for, passing on a SIGTERM or SIGINT sent to
+# the script alone: docker stop and Kubernetes signal only a container's first process, which
+# is often this script, and bash would neither pass the signal on nor (as PID 1) die of it. The
+# trainer saves and stops; the script then exits with its status (143 or 130, which requeueing
+# schedulers read).
+say_forwarding_signals() {
+  echo "+ $*" >&2
+  "$@" &
+  local child=$! status
+  trap 'kill -TERM "$child" 2>/dev/null || true' TERM
+  trap 'kill -INT "$child" 2>/dev/null || true' INT
+  while true; do
+    status=0
+    wait "$child" || status=$?
+    kill -0 "$child" 2>/dev/null || break # else a trapped signal ended the wait, not the child
+  done
+  trap - TERM INT
+  return "$status"
+}
+
 # The directory holding the sets (train, VALID, TESTS) as NAME.LANG or NAME.LANG.gz.
 sets_dir() { if [ -n "$CORPUS_DIR" ]; then echo "$CORPUS_DIR"; else echo "$CORPORA/$CORPUS"; fi; }
 
@@ -76,10 +96,10 @@ stage_train() {
       # one process needs no launcher: the job script gets nmt-tie's own exit status (143 after a
       # SIGTERM, 2 and one line for a bad input) instead of torchrun's 1 and its report
       # shellcheck disable=SC2086  # OVERRIDES is a word list
-      say $NMT_TIE "${train[@]}" $OVERRIDES
+      say_forwarding_signals $NMT_TIE "${train[@]}" $OVERRIDES
     else
       # shellcheck disable=SC2086  # OVERRIDES and TORCHRUN_ARGS are word lists
-      say $TORCHRUN --nproc_per_node "$GPUS" ${TORCHRUN_ARGS:-} -m nmt_tie "${train[@]}" $OVERRIDES
+      say_forwarding_signals $TORCHRUN --nproc_per_node "$GPUS" ${TORCHRUN_ARGS:-} -m nmt_tie "${train[@]}" $OVERRIDES
     fi
   done
 }

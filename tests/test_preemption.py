@@ -247,3 +247,17 @@ def main_status(main, args: list[str]) -> int:
     except SystemExit as exit_:
         return exit_.code
     return 0
+
+
+def test_training_started_with_ctrl_c_ignored_answers_it(tmp_path, capsys):
+    """bash hands a background command SIGINT ignored (the WMT recipes start training in the
+    background to pass signals on): `train` takes Ctrl-C back before anything else."""
+    from conftest import run_cli
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code, _, err = run_cli(capsys, "train", str(tmp_path / "missing.yaml"))
+        assert code == 2 and "config file not found" in err
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -12,14 +12,17 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import load_script, prepare_small
 from test_train import write_config
@@ -487,6 +490,32 @@ def test_recipe_scripts_refuse_bad_use_before_doing_anything(tmp_path):
 # --- the WMT recipes end to end, on local news text ------------------------------------------
 
 
+def local_news_recipe_env(corpora: Path, pair: str, tmp_path: Path, runs: Path, gpus: int) -> dict:
+    """A WMT recipe's environment for a run on the first lines of the news test sets:
+    newstest2009-2012 as training data, 2013 for validation, 2014 for test."""
+    src, tgt = pair.split("-")
+    local = tmp_path / "news"
+    local.mkdir()
+    for year, lines in [(2009, 300), (2010, 300), (2011, 300), (2012, 300), (2013, 40), (2014, 30)]:
+        for lang in (src, tgt):
+            text = itertools.islice(read_lines(corpora / "wmt" / pair / f"newstest{year}.{lang}.gz"), lines)
+            name = local / (f"newstest{year}.{lang}.gz" if year < 2013 else f"newstest{year}.{lang}")
+            with (gzip.open if year < 2013 else open)(name, "wt", encoding="utf-8") as handle:
+                handle.writelines(line + "\n" for line in text)
+    return {
+        **os.environ,
+        "CORPUS_DIR": str(local),
+        "TRAIN_SETS": "newstest2009 newstest2010 newstest2011 newstest2012",
+        "TESTS": "newstest2014",
+        "RUNS": str(runs),
+        "VOCAB": "500",
+        "NMT_TIE": f"{sys.executable} -m nmt_tie",
+        "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
+        "GPUS": str(gpus),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe, pair, model, gpus",
@@ -501,29 +530,9 @@ def test_a_wmt_recipe_runs_end_to_end_on_local_news_text(recipe, pair, model, gp
     validation, 2014 for test (their first lines, for time), a tiny model and a few updates
     as overrides; every stage as the recipe has it (its batching, length normalization,
     averaging). One process trains without a launcher, two (gloo workers here) under torchrun."""
-    src, tgt = pair.split("-")
-    local = tmp_path / "news"
-    local.mkdir()
-    for year, lines in [(2009, 300), (2010, 300), (2011, 300), (2012, 300), (2013, 40), (2014, 30)]:
-        for lang in (src, tgt):
-            text = itertools.islice(read_lines(corpora / "wmt" / pair / f"newstest{year}.{lang}.gz"), lines)
-            name = local / (f"newstest{year}.{lang}.gz" if year < 2013 else f"newstest{year}.{lang}")
-            with (gzip.open if year < 2013 else open)(name, "wt", encoding="utf-8") as handle:
-                handle.writelines(line + "\n" for line in text)
     runs = tmp_path / "runs"
-    env = {
-        **os.environ,
-        "CORPUS_DIR": str(local),
-        "TRAIN_SETS": "newstest2009 newstest2010 newstest2011 newstest2012",
-        "TESTS": "newstest2014",
-        "RUNS": str(runs),
-        "VOCAB": "500",
-        "NMT_TIE": f"{sys.executable} -m nmt_tie",
-        "TORCHRUN": f"{sys.executable} -m torch.distributed.run",
-        "GPUS": str(gpus),
-        "OVERRIDES": f"{model} max_updates=4 valid_every=2 save_every=2 log_every=2 threads=1",
-        "OMP_NUM_THREADS": "1",
-    }
+    env = local_news_recipe_env(corpora, pair, tmp_path, runs, gpus)
+    env["OVERRIDES"] = f"{model} max_updates=4 valid_every=2 save_every=2 log_every=2 threads=1"
     result = subprocess.run(
         ["bash", str(RECIPES / recipe / "run.sh"), "data", "train", "eval"],
         env=env,
@@ -559,3 +568,38 @@ def test_a_wmt_recipe_runs_end_to_end_on_local_news_text(recipe, pair, model, gp
 
 def recipe_arch(recipe: str) -> str:
     return "transformer" if "transformer" in recipe else "rnn"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_a_signal_to_the_recipe_script_alone_reaches_training(signum, gpus, tmp_path, corpora):
+    """docker stop and Kubernetes signal a container's first process only: run.sh as that
+    process passes SIGTERM (and SIGINT) on, training saves and stops, run.sh exits with the
+    status a requeueing scheduler reads, and rerunning resumes."""
+    runs = tmp_path / "runs"
+    env = local_news_recipe_env(corpora, "en-de", tmp_path, runs, gpus)
+    env["TIES"] = "all"
+    env["OVERRIDES"] = "emb_dim=32 hidden_dim=32 max_updates=400 valid_every=1000 log_every=1 threads=1"
+    script = str(RECIPES / "wmt15_en_de" / "run.sh")
+    subprocess.run(["bash", script, "data"], env=env, capture_output=True, check=True, timeout=300)
+    process = subprocess.Popen(
+        ["bash", script, "train"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    run_dir = runs / "rnn-all"
+    deadline = time.time() + 240
+    while not [r for r in read_log(run_dir) if r["type"] == "train" and r["update"] >= 3]:
+        assert process.poll() is None and time.time() < deadline, process.communicate()[0]
+        time.sleep(0.05)
+    process.send_signal(signum)  # to bash alone, not to its children
+    output, _ = process.communicate(timeout=120)
+    saved = torch.load(run_dir / "last.pt", weights_only=True)["trainer"]["update"]
+    assert 3 <= saved < 400, output
+    assert f"stopped: {signal.Signals(signum).name} at update {saved}" in output
+    if gpus == 1:
+        assert process.returncode == 128 + signum, output  # nmt-tie's own status, through run.sh
+    else:
+        assert process.returncode != 0, output  # torchrun's
+    env["OVERRIDES"] = env["OVERRIDES"].replace("max_updates=400", f"max_updates={saved + 2}")
+    rerun = subprocess.run(["bash", script, "train"], env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and f"resuming {run_dir} from update {saved}" in rerun.stderr, rerun.stderr
