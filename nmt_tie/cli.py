@@ -526,7 +526,8 @@ def _run_average(args) -> None:
     from nmt_tie.checkpoint import average_checkpoints, save_atomic
 
     save_atomic(average_checkpoints(args.checkpoints), args.output)
-    print(f"averaged {len(args.checkpoints)} checkpoints into {args.output}")
+    count = len(args.checkpoints)
+    print(f"averaged {count} checkpoint{'' if count == 1 else 's'} into {args.output}")
 
 
 def _add_compare(sub) -> None:
