@@ -63,9 +63,6 @@ def require_transformers():
         raise UserError(
             "transformers is not installed: pip install 'nmt-tie[huggingface]' (or pip install transformers)"
         ) from None
-    # its bars for writing and loading the weights (transformers 5) would sit above the export's
-    # own one-line summary: the export takes a second
-    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 
@@ -253,6 +250,9 @@ def export_huggingface(
 ) -> dict:
     """Write the transformers directory `out` (built beside it, checked, then renamed)."""
     transformers = require_transformers()
+    # its bars for writing and loading the weights (transformers 5) would sit above the export's
+    # own one-line summary: the export takes a second
+    transformers.utils.logging.disable_progress_bar()
     import torch
     from safetensors.torch import load_file, save_file
 

@@ -7,10 +7,11 @@
 #   all    the three in order (the default); several stages may be given: data train eval
 #
 # Environment: CORPORA (downloads, default corpora/), RUNS (default runs/CORPUS), GPUS per node
-# (default 1: one process, no launcher; more, or TORCHRUN_ARGS: torchrun), TORCHRUN_ARGS (e.g. "--nnodes 2 --node_rank 0 --rdzv_backend c10d
-# --rdzv_endpoint host0:29500" for several nodes), TIES (default "none decoder all"),
-# OVERRIDES (extra key=value config overrides), NMT_TIE (default nmt-tie), TORCHRUN (default
-# torchrun), MIRROR, EVAL_DTYPE (precision of the final translations, default fp32),
+# (default 1: one process, no launcher; more, or TORCHRUN_ARGS: torchrun), TORCHRUN_ARGS (e.g.
+# "--nnodes 2 --node_rank 0 --rdzv_backend c10d --rdzv_endpoint host0:29500" for several nodes),
+# TIES (default "none decoder all"), OVERRIDES (extra key=value config overrides), NMT_TIE
+# (default nmt-tie), TORCHRUN (default torchrun), MIRROR, EVAL_DTYPE (precision of the final
+# translations, default fp32),
 # LENGTH_NORM (average | gnmt), VALID and TESTS (set names), VOCAB, MAX_LEN, BEAM, LENPEN.
 # A local corpus: CORPUS_DIR (a directory of NAME.SRC and NAME.TGT files, gzip or not) and
 # TRAIN_SETS (the names in it to train on, concatenated; default "train"), e.g. the news test

@@ -220,10 +220,11 @@ def plan_batches(
             f"{plural(update_freq, 'batch')} of at most {max_sentences} sentences per worker and update"
         )
     tokens, sentences = means(max_tokens, max_sentences)
-    if cfg.global_batch_tokens and tokens * workers * update_freq > 1.2 * cfg.global_batch_tokens:
+    per_update = tokens * workers * update_freq
+    if cfg.global_batch_tokens and per_update > 1.2 * cfg.global_batch_tokens:
         notes.append(
             f"global_batch_tokens {cfg.global_batch_tokens:,} is below the smallest batch this data allows "
-            f"(max_tokens {max_tokens:,}): an update has about {tokens * workers:,.0f} target tokens"
+            f"(max_tokens {max_tokens:,}): an update has about {per_update:,.0f} target tokens"
         )
     unbounded = means(sum(longest) * max_sentences, max_sentences)[1] if max_sentences else sentences
     if cfg.global_batch_sentences and sentences < 0.9 * unbounded:
